@@ -1,0 +1,436 @@
+"""The deployment file (TOML) -> a validated Snapshot, with every error located in the file.
+
+Parsing is pure (text in, snapshot or errors out); reading the file is the caller's job.
+Type errors (a bad address, a missing key) and rule errors (R2, R3, ...) are collected
+together, so one `egressd config check` run shows everything that needs fixing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from egressd.model.accounts import (
+    Account,
+    DedicatedLocation,
+    Device,
+    Fallback,
+    LocationState,
+    NetworkSettings,
+    Plan,
+    User,
+)
+from egressd.model.addresses import IPNetwork
+from egressd.model.errors import ValidationError, ValidationIssue
+from egressd.model.lookup import normalise_hostname
+from egressd.model.policy import (
+    DedicatedAction,
+    EgressPolicy,
+    PolicyAction,
+    Selector,
+    SharedAction,
+)
+from egressd.model.routes import InNetworkOrigin, PrivateRoute, RouteKind
+from egressd.model.snapshot import DeploymentSettings, Quarantine, Snapshot, build_snapshot
+from egressd.model.topology import DataCenter
+
+T = TypeVar("T")
+_HOSTNAME = re.compile(
+    r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedIssue:
+    issue: ValidationIssue
+    line: int | None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.issue}"
+
+
+class DeploymentError(ValidationError):
+    """Validation issues of a deployment file, each with its line where it can be found."""
+
+    def __init__(self, issues: list[ValidationIssue], text: str) -> None:
+        super().__init__(issues)
+        self.located = tuple(LocatedIssue(issue, locate(text, issue.path)) for issue in issues)
+
+    def __str__(self) -> str:
+        return "\n".join(str(item) for item in self.located)
+
+
+class _Reader:
+    """Reads typed values out of the parsed TOML, recording an issue instead of raising."""
+
+    def __init__(self) -> None:
+        self.issues: list[ValidationIssue] = []
+
+    def get(
+        self, table: dict[str, Any], key: str, where: str, kind: type[T], default: T | None = None
+    ) -> T | None:
+        if key not in table:
+            if default is None:
+                self.issues.append(ValidationIssue(f"{where}.{key}", "missing"))
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.issues.append(
+                ValidationIssue(
+                    f"{where}.{key}", f"expected {kind.__name__}, got {type(value).__name__}"
+                )
+            )
+            return default
+        return value
+
+    def convert(self, value: Any, where: str, parse: Callable[[Any], T], what: str) -> T | None:
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            self.issues.append(ValidationIssue(where, f"not a valid {what}: {value!r} ({exc})"))
+            return None
+
+    def strings(self, table: dict[str, Any], key: str, where: str) -> list[str]:
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.issues.append(ValidationIssue(f"{where}.{key}", "expected a list of strings"))
+            return []
+        return value
+
+    def tables(self, table: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            self.issues.append(
+                ValidationIssue(f"{where}{key}", "expected an array of tables ([[...]])")
+            )
+            return []
+        return value
+
+    def enum(
+        self, table: dict[str, Any], key: str, where: str, kind: Callable[[str], T], default: T
+    ) -> T:
+        raw = table.get(key)
+        if raw is None:
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            choices = ", ".join(str(getattr(member, "value", member)) for member in kind)  # type: ignore[attr-defined]
+            self.issues.append(
+                ValidationIssue(f"{where}.{key}", f"{raw!r} is not one of: {choices}")
+            )
+            return default
+
+    def destinations(
+        self, values: list[str], where: str
+    ) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
+        networks: list[IPNetwork] = []
+        hostnames: list[str] = []
+        for value in values:
+            if any(char in value for char in "/:") or value.replace(".", "").isdigit():
+                network = self.convert(
+                    value, where, lambda v: ipaddress.ip_network(v, strict=True), "CIDR"
+                )
+                if network is not None:
+                    networks.append(network)
+            elif _HOSTNAME.match(normalise_hostname(value)):
+                hostnames.append(normalise_hostname(value))
+            else:
+                self.issues.append(
+                    ValidationIssue(where, f"not a CIDR or hostname pattern: {value!r}")
+                )
+        return tuple(networks), tuple(hostnames)
+
+
+def parse_ports(
+    values: list[str] | list[int], reader: _Reader, where: str
+) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for value in values:
+        text = str(value)
+        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", text)
+        if not match:
+            reader.issues.append(ValidationIssue(where, f"not a port or port range: {text!r}"))
+            continue
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def load_deployment(text: str, *, version: int = 1, now: datetime | None = None) -> Snapshot:
+    """Parse and validate a deployment file. Raises DeploymentError with every issue."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DeploymentError([ValidationIssue("(file)", f"not valid TOML: {exc}")], text) from exc
+    reader = _Reader()
+    dcs = [
+        _data_center(reader, table, index)
+        for index, table in enumerate(reader.tables(raw, "data_centers", ""))
+    ]
+    accounts = [_account(reader, table) for table in reader.tables(raw, "accounts", "")]
+    routes = [
+        route for table in reader.tables(raw, "accounts", "") for route in _routes(reader, table)
+    ]
+    origins = []
+    for table in reader.tables(raw, "in_network_origins", ""):
+        name = str(table.get("name", "?"))
+        nets, hosts = reader.destinations(
+            reader.strings(table, "destinations", f"in_network_origins[{name}]"),
+            f"in_network_origins[{name}].destinations",
+        )
+        origins.append(InNetworkOrigin(name=name, networks=nets, hostnames=hosts))
+    quarantine = []
+    for table in reader.tables(raw, "quarantine", ""):
+        where = f"quarantine[{table.get('address', '?')}]"
+        address = reader.convert(
+            table.get("address"), f"{where}.address", _address_or_network, "address"
+        )
+        until = table.get("until")
+        if isinstance(until, datetime):
+            until = until if until.tzinfo else until.replace(tzinfo=UTC)
+        else:
+            reader.issues.append(ValidationIssue(f"{where}.until", "expected a TOML date-time"))
+            until = None
+        released_by = reader.get(table, "released_by", where, str)
+        if address is not None and until is not None and released_by is not None:
+            quarantine.append(Quarantine(address=address, released_by=released_by, until=until))
+    settings_table = raw.get("deployment", {})
+    settings = DeploymentSettings(
+        quarantine_days=reader.get(settings_table, "quarantine_days", "deployment", int, 30) or 30,
+        allow_destinations=reader.destinations(
+            reader.strings(settings_table, "allow_destinations", "deployment"),
+            "deployment.allow_destinations",
+        )[0],
+        control_addresses=reader.destinations(
+            reader.strings(settings_table, "control_addresses", "deployment"),
+            "deployment.control_addresses",
+        )[0],
+    )
+    if reader.issues:
+        raise DeploymentError(reader.issues, text)
+    try:
+        return build_snapshot(
+            version=version,
+            data_centers=[dc for dc in dcs if dc is not None],
+            accounts=[account for account in accounts if account is not None],
+            routes=routes,
+            origins=origins,
+            quarantine=quarantine,
+            settings=settings,
+            now=now or datetime.now(UTC),
+        )
+    except ValidationError as exc:
+        raise DeploymentError(list(exc.issues), text) from exc
+
+
+def _address_or_network(value: Any) -> Any:
+    return ipaddress.ip_network(value) if "/" in str(value) else ipaddress.ip_address(value)
+
+
+def _data_center(reader: _Reader, table: dict[str, Any], index: int) -> DataCenter | None:
+    code = reader.get(table, "code", f"data_centers[{index}]", str)
+    where = f"data_centers[{code or index}]"
+    city = reader.get(table, "city", where, str)
+    country = reader.get(table, "country", where, str)
+    lat = reader.get(table, "latitude", where, float)
+    lon = reader.get(table, "longitude", where, float)
+    shared_v4 = [
+        reader.convert(value, f"{where}.shared_ipv4", ipaddress.IPv4Address, "IPv4 address")
+        for value in reader.strings(table, "shared_ipv4", where)
+    ]
+    shared_v6 = None
+    if "shared_ipv6" in table:
+        shared_v6 = reader.convert(
+            table["shared_ipv6"], f"{where}.shared_ipv6", ipaddress.IPv6Network, "IPv6 prefix"
+        )
+    backbone = None
+    if "backbone" in table:
+        backbone = reader.convert(
+            table["backbone"], f"{where}.backbone", ipaddress.ip_address, "address"
+        )
+    slot = reader.get(table, "slot", where, int, index + 1)
+    if (
+        code is None
+        or city is None
+        or country is None
+        or lat is None
+        or lon is None
+        or slot is None
+    ):
+        return None
+    return DataCenter(
+        code=code,
+        city=city,
+        country=country,
+        region=str(table.get("region", "")),
+        latitude=lat,
+        longitude=lon,
+        shared_ipv4=tuple(address for address in shared_v4 if address is not None),
+        shared_ipv6=shared_v6,
+        backbone_address=backbone,
+        slot=slot,
+    )
+
+
+def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
+    account_id = reader.get(table, "id", "accounts[?]", str)
+    where = f"accounts[{account_id}]"
+    plan = reader.enum(table, "plan", where, Plan, Plan.FREE)
+    network = table.get("network", {})
+    settings = NetworkSettings(
+        proxy_tcp=reader.get(network, "proxy_tcp", f"{where}.network", bool, True) is True,
+        proxy_udp=reader.get(network, "proxy_udp", f"{where}.network", bool, False) is True,
+        fallback=reader.enum(network, "fallback", f"{where}.network", Fallback, Fallback.CLOSED),
+    )
+    locations = []
+    for loc in reader.tables(table, "locations", f"{where}."):
+        lid = reader.get(loc, "id", f"{where}.locations[?]", str)
+        lwhere = f"{where}.locations[{lid}]"
+        pop = reader.get(loc, "pop", lwhere, str)
+        v4 = reader.convert(
+            loc.get("ipv4"), f"{lwhere}.ipv4", ipaddress.IPv4Address, "IPv4 address"
+        )
+        v6 = (
+            reader.convert(loc["ipv6"], f"{lwhere}.ipv6", ipaddress.IPv6Network, "IPv6 prefix")
+            if "ipv6" in loc
+            else None
+        )
+        state = reader.enum(loc, "state", lwhere, LocationState, LocationState.ACTIVE)
+        if lid and pop and v4:
+            locations.append(DedicatedLocation(id=lid, home_pop=pop, ipv4=v4, ipv6=v6, state=state))
+    users = [
+        User(
+            name=str(user.get("name", "")),
+            groups=frozenset(reader.strings(user, "groups", f"{where}.users[{user.get('name')}]")),
+        )
+        for user in reader.tables(table, "users", f"{where}.")
+    ]
+    devices = []
+    for dev in reader.tables(table, "devices", f"{where}."):
+        did = reader.get(dev, "id", f"{where}.devices[?]", str)
+        dwhere = f"{where}.devices[{did}]"
+        user = reader.get(dev, "user", dwhere, str)
+        digest = reader.get(dev, "secret_sha256", dwhere, str)
+        if did and user and digest:
+            devices.append(Device(id=did, user=user, secret_sha256=digest.lower()))
+    policies = [
+        _policy(reader, policy, where) for policy in reader.tables(table, "policies", f"{where}.")
+    ]
+    if account_id is None:
+        return None
+    return Account(
+        id=account_id,
+        name=str(table.get("name", account_id)),
+        plan=plan,
+        settings=settings,
+        locations=tuple(locations),
+        users=tuple(users),
+        devices=tuple(devices),
+        policies=tuple(policy for policy in policies if policy is not None),
+    )
+
+
+def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> EgressPolicy | None:
+    pid = reader.get(table, "id", f"{account_where}.policies[?]", str)
+    where = f"{account_where}.policies[{pid}]"
+    networks, hostnames = reader.destinations(
+        reader.strings(table, "destinations", where), f"{where}.destinations"
+    )
+    ports_raw = table.get("ports", [])
+    selector = Selector(
+        users=frozenset(reader.strings(table, "users", where)),
+        groups=frozenset(reader.strings(table, "groups", where)),
+        devices=frozenset(reader.strings(table, "devices", where)),
+        networks=networks,
+        hostnames=hostnames,
+        ports=parse_ports(
+            ports_raw if isinstance(ports_raw, list) else [], reader, f"{where}.ports"
+        ),
+        protocols=frozenset(reader.strings(table, "protocols", where)),
+        connected_pops=frozenset(reader.strings(table, "connected_pops", where)),
+    )
+    kind = table.get("action")
+    action: PolicyAction
+    if kind == "shared":
+        action = SharedAction()
+    elif kind == "dedicated":
+        primary = reader.get(table, "primary", where, str)
+        secondary = reader.get(table, "secondary", where, str)
+        ipv6 = reader.get(table, "ipv6", where, str, primary)
+        if primary is None or secondary is None or ipv6 is None:
+            return None
+        action = DedicatedAction(primary=primary, secondary=secondary, ipv6=ipv6)
+    else:
+        reader.issues.append(
+            ValidationIssue(f"{where}.action", f"expected 'shared' or 'dedicated', got {kind!r}")
+        )
+        return None
+    if pid is None:
+        return None
+    return EgressPolicy(id=pid, selector=selector, action=action, name=str(table.get("name", "")))
+
+
+def _routes(reader: _Reader, table: dict[str, Any]) -> list[PrivateRoute]:
+    account_id = str(table.get("id", "?"))
+    routes = []
+    for route in reader.tables(table, "private_routes", f"accounts[{account_id}]."):
+        rid = reader.get(route, "id", f"accounts[{account_id}].private_routes[?]", str)
+        where = f"accounts[{account_id}].private_routes[{rid}]"
+        kind = reader.enum(route, "kind", where, RouteKind, RouteKind.TUNNEL)
+        via = reader.get(route, "via", where, str)
+        nets, hosts = reader.destinations(
+            reader.strings(route, "destinations", where), f"{where}.destinations"
+        )
+        if rid and via:
+            routes.append(
+                PrivateRoute(
+                    id=rid, account=account_id, kind=kind, networks=nets, hostnames=hosts, via=via
+                )
+            )
+    return routes
+
+
+_SEGMENT = re.compile(r"(\w+)(?:\[([^\]]*)\])?")
+
+
+def locate(text: str, path: str) -> int | None:
+    """Best-effort line number (1-based) of a dotted issue path like `accounts[acme].locations[lax].ipv4`."""
+    lines = text.splitlines()
+    line = 0
+    found: int | None = None
+    for segment in path.split("."):
+        match = _SEGMENT.fullmatch(segment)
+        if not match:
+            return found
+        name, key = match.groups()
+        if key is not None:
+            header = re.compile(rf"^\s*\[\[\s*([\w.]+\.)?{re.escape(name)}\s*\]\]")
+            ident = re.compile(rf"^\s*(id|code|name|address)\s*=\s*\"{re.escape(key)}\"")
+            for number in range(line, len(lines)):
+                if header.match(lines[number]):
+                    for inner in range(number + 1, min(len(lines), number + 40)):
+                        if ident.match(lines[inner]):
+                            line, found = inner, inner + 1
+                            break
+                        if lines[inner].lstrip().startswith("["):
+                            break
+                    if found == line + 1 and ident.match(lines[line]):
+                        break
+        else:
+            assign = re.compile(rf"^\s*{re.escape(name)}\s*=")
+            for number in range(line, len(lines)):
+                if number > line and lines[number].lstrip().startswith("[["):
+                    break
+                if assign.match(lines[number]):
+                    return number + 1
+    return found
