@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from egressd.model.accounts import DedicatedLocation, Fallback
 from egressd.model.addresses import IPAddress, address_in_prefix, stable_hash
@@ -28,6 +29,11 @@ class Protocol(StrEnum):
     TCP = "tcp"
     UDP = "udp"
     DNS = "dns"
+
+
+# Plain str constants: comparing against an enum member costs an attribute lookup per flow.
+_DNS: str = Protocol.DNS.value
+_UDP: str = Protocol.UDP.value
 
 
 class Egress(StrEnum):
@@ -77,8 +83,9 @@ class HealthView:
         return self.rtt_ms.get((source, target), math.inf)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """The outcome. A NamedTuple: immutable like the rest, and cheap to build per flow."""
+
     egress: Egress
     rule: str  # "R1".."R13" or "policy:<id>"
     connected_pop: str
@@ -107,12 +114,16 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
     if entry is None:
         return _refuse(flow, "R13", f"unknown account {flow.account!r}")
     address = flow.address
-    forbidden = snapshot.forbidden.longest(address)
-    if forbidden is not None and snapshot.allowed.longest(address) is None:
+    version = address.version
+    address_int = int(address)
+    forbidden = snapshot.forbidden.longest_int(version, address_int)
+    if forbidden is not None and snapshot.allowed.longest_int(version, address_int) is None:
         return _refuse(flow, "R13", f"destination {address} is a {forbidden} address")
-    hostname = normalise_hostname(flow.hostname) if flow.hostname else None
+    hostname = flow.hostname
+    if hostname:
+        hostname = normalise_hostname(hostname)
 
-    route = entry.route_cidrs.longest(address)
+    route = entry.route_cidrs.longest_int(version, address_int) if entry.route_cidrs else None
     if route is None and hostname is not None:
         route = entry.route_hosts.longest(hostname)
     if route is not None:
@@ -125,23 +136,24 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
             via=route.via,
             reason=f"private route {route.id} ({route.kind.value})",
         )
-    if flow.protocol == Protocol.DNS:
+    protocol = flow.protocol
+    if protocol == _DNS:
         return _shared(connected, flow, "R4", reason="DNS resolved by the gateway")
     settings = entry.account.settings
-    if not settings.proxy_tcp or (flow.protocol == Protocol.UDP and not settings.proxy_udp):
+    if not settings.proxy_tcp or (protocol == _UDP and not settings.proxy_udp):
         return _shared(
             connected, flow, "R3", reason=f"{flow.protocol} is not proxied for this account"
         )
 
     policy = entry.policies.first_match(
-        user=flow.user,
-        groups=entry.groups_of.get(flow.user, ()),
-        device=flow.device,
-        protocol=flow.protocol,
-        connected_pop=flow.connected_pop,
-        address=address,
-        hostname=hostname,
-        port=flow.port,
+        flow.user,
+        flow.device,
+        protocol,
+        flow.connected_pop,
+        version,
+        address_int,
+        hostname,
+        flow.port,
     )
     if policy is not None:
         return _by_policy(snapshot, entry, connected, flow, policy, view)

@@ -40,24 +40,34 @@ class CidrTable(Generic[V]):
         else:
             table.setdefault(key, value)
 
+    def levels(self) -> dict[int, list[tuple[int, dict[int, V]]]]:
+        """Per family, (prefix length, {network int: value}) longest first, for inlined walks."""
+        return self._by_family
+
     def longest(self, address: IPAddress) -> V | None:
-        levels = self._by_family[address.version]
+        return self.longest_int(address.version, int(address))
+
+    def longest_int(self, version: int, as_int: int) -> V | None:
+        """Longest match for an address given as (version, int): the hot path converts once."""
+        levels = self._by_family[version]
         if not levels:
             return None
-        as_int = int(address)
-        bits = address.max_prefixlen
+        bits = 32 if version == 4 else 128
         for length, table in levels:
-            found = table.get(as_int >> (bits - length) << (bits - length))
+            shift = bits - length
+            found = table.get(as_int >> shift << shift)
             if found is not None:
                 return found
         return None
 
     def every(self, address: IPAddress) -> Iterable[V]:
-        levels = self._by_family[address.version]
-        as_int = int(address)
-        bits = address.max_prefixlen
-        for length, table in levels:
-            found = table.get(as_int >> (bits - length) << (bits - length))
+        return self.every_int(address.version, int(address))
+
+    def every_int(self, version: int, as_int: int) -> Iterable[V]:
+        bits = 32 if version == 4 else 128
+        for length, table in self._by_family[version]:
+            shift = bits - length
+            found = table.get(as_int >> shift << shift)
             if found is not None:
                 yield found
 

@@ -131,8 +131,11 @@ def build_snapshot(
     shared = _shared_addresses(dcs.values())
     ipv4_owner: dict[ipaddress.IPv4Address, str] = {}
     ipv6_owner: CidrTable[str] = CidrTable()
-    ipv6_claims: list[tuple[ipaddress.IPv6Network, str]] = []
-    shared_v6 = [dc.shared_ipv6 for dc in dcs.values() if dc.shared_ipv6 is not None]
+    ipv6_claims: list[tuple[ipaddress.IPv6Network, str, str]] = [
+        (dc.shared_ipv6, f"the shared range of PoP {dc.code}", "")
+        for dc in dcs.values()
+        if dc.shared_ipv6 is not None
+    ]
     account_ids: set[str] = set()
     devices: dict[str, tuple[str, Device]] = {}
     for account in accounts:
@@ -162,25 +165,7 @@ def build_snapshot(
                 )
             ipv4_owner.setdefault(loc.ipv4, account.id)
             if loc.ipv6 is not None:
-                for other, owner in ipv6_claims:
-                    if other.overlaps(loc.ipv6) and (owner != account.id or other != loc.ipv6):
-                        issues.append(
-                            ValidationIssue(
-                                f"{lwhere}.ipv6",
-                                f"{loc.ipv6} overlaps {other} of account {owner!r}",
-                                "R2",
-                            )
-                        )
-                for prefix in shared_v6:
-                    if prefix.overlaps(loc.ipv6):
-                        issues.append(
-                            ValidationIssue(
-                                f"{lwhere}.ipv6",
-                                f"{loc.ipv6} overlaps the shared IPv6 range {prefix}",
-                                "R2",
-                            )
-                        )
-                ipv6_claims.append((loc.ipv6, account.id))
+                ipv6_claims.append((loc.ipv6, f"account {account.id!r}", f"{lwhere}.ipv6"))
                 ipv6_owner.add(loc.ipv6, account.id)
             _check_quarantine(loc, account.id, quarantine, now, lwhere, issues)
         for device in account.devices:
@@ -192,6 +177,7 @@ def build_snapshot(
                     )
                 )
             devices.setdefault(device.id, (account.id, device))
+    _check_ipv6_overlaps(ipv6_claims, issues)
     for index, route in enumerate(routes):
         if route.account not in account_ids:
             issues.append(
@@ -257,6 +243,24 @@ def build_snapshot(
         origin_cidrs=origin_cidrs,
         origin_hosts=origin_hosts,
     )
+
+
+def _check_ipv6_overlaps(
+    claims: list[tuple[ipaddress.IPv6Network, str, str]], issues: list[ValidationIssue]
+) -> None:
+    """R2: IPv6 ranges have one owner. Prefixes nest or are disjoint, so one sorted sweep finds
+    every overlap in O(n log n) instead of comparing all pairs."""
+    ordered = sorted(claims, key=lambda claim: (int(claim[0].network_address), claim[0].prefixlen))
+    widest: tuple[ipaddress.IPv6Network, str, str] | None = None
+    for claim in ordered:
+        prefix, _owner, where = claim
+        if widest is not None and int(prefix.network_address) <= int(widest[0].broadcast_address):
+            path = where or widest[2]
+            other = widest if where else claim
+            issues.append(ValidationIssue(path, f"{prefix} overlaps {other[0]} of {other[1]}", "R2"))
+            if int(prefix.broadcast_address) <= int(widest[0].broadcast_address):
+                continue
+        widest = claim
 
 
 def _shared_addresses(dcs: Iterable[DataCenter]) -> set[IPAddress]:
@@ -474,6 +478,7 @@ def _index_account(
             route_cidrs.add(network, route)
         for pattern in route.hostnames:
             route_hosts.add(normalise_hostname(pattern), route)
+    groups_of = {user.name: user.groups for user in account.users}
     active = tuple(
         loc
         for loc in account.active_locations()
@@ -484,8 +489,8 @@ def _index_account(
         dedicated_active=dedicated_is_active(account, dcs),
         locations={loc.id: loc for loc in account.locations},
         active_locations=active,
-        policies=PolicyIndex(account.policies),
-        groups_of={user.name: user.groups for user in account.users},
+        policies=PolicyIndex(account.policies, groups_of),
+        groups_of=groups_of,
         route_cidrs=route_cidrs,
         route_hosts=route_hosts,
     )

@@ -1,0 +1,107 @@
+"""The device side of a connection, as a plain socket or a TLS stream.
+
+Handlers speak to `ClientIO` and never know which one they have. The difference shows
+only in `tunnel`: a plain socket is spliced (zero-copy, no task kept per tunnel), a TLS
+stream is copied through user space by a task that lives as long as the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from egressd.pop.relay import BufferedRelay, PipePool, RelayRegistry, RelayResult, SpliceRelay
+
+RECV_SIZE = 65536
+
+
+class ClientIO(Protocol):
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    is_tls: bool
+
+    async def recv(self) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def tunnel(self, upstream: socket.socket, on_close: Callable[[RelayResult], None],
+                     registry: RelayRegistry, pipes: PipePool, idle_timeout: float) -> None: ...
+
+
+class SocketIO:
+    """A plain TCP client socket (non-blocking), driven with the loop's sock_* calls."""
+
+    __slots__ = ("is_tls", "local", "loop", "peer", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.peer = sock.getpeername()[:2]
+        self.local = sock.getsockname()[:2]
+        self.is_tls = False
+
+    async def recv(self) -> bytes:
+        try:
+            return await self.loop.sock_recv(self.sock, RECV_SIZE)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def tunnel(self, upstream: socket.socket, on_close: Callable[[RelayResult], None],
+                     registry: RelayRegistry, pipes: PipePool, idle_timeout: float) -> None:
+        """Start a splice relay and return at once: the relay owns both sockets now."""
+        SpliceRelay(self.loop, pipes, self.sock, upstream, on_close, registry).start()
+
+
+class StreamIO:
+    """A TLS client connection as asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peer = writer.get_extra_info("peername")[:2]
+        self.local = writer.get_extra_info("sockname")[:2]
+        self.is_tls = True
+
+    async def recv(self) -> bytes:
+        try:
+            return await self.reader.read(RECV_SIZE)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def tunnel(self, upstream: socket.socket, on_close: Callable[[RelayResult], None],
+                     registry: RelayRegistry, pipes: PipePool, idle_timeout: float) -> None:
+        """Copy through user space until the tunnel ends (TLS cannot be spliced)."""
+        result = RelayResult(0, 0, "client", None)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(sock=upstream)
+        except OSError as exc:
+            upstream.close()
+            self.close()
+            on_close(RelayResult(0, 0, "upstream", str(exc)))
+            return
+        try:
+            result = await BufferedRelay(idle_timeout).run((self.reader, self.writer), (up_reader, up_writer))
+        finally:
+            up_writer.close()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
+            on_close(result)

@@ -1,0 +1,90 @@
+"""The flow log: one JSON line per flow, failed ones included (DESIGN §4).
+
+A FlowRecord is filled in as the flow progresses (identity, decision, upstream socket,
+byte counts) and written once, when the flow ends, by `FlowLog.write`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from egressd.decide import Decision
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    flow_id: str
+    protocol: str
+    connected_pop: str
+    client: str
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    account: str | None = None
+    user: str | None = None
+    device: str | None = None
+    destination: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    decision: Decision | None = None
+    local_address: str | None = None  # the source address and port actually used upstream
+    bytes_up: int = 0
+    bytes_down: int = 0
+    outcome: str = "ok"  # ok, refused, auth-failed, upstream-error, protocol-error
+    closed_by: str | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        decision = self.decision
+        return {
+            "time": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds"),
+            "flow_id": self.flow_id,
+            "account": self.account,
+            "user": self.user,
+            "device": self.device,
+            "protocol": self.protocol,
+            "client": self.client,
+            "destination": self.destination,
+            "hostname": self.hostname,
+            "port": self.port,
+            "connected_pop": self.connected_pop,
+            "egress_pop": decision.egress_pop if decision else None,
+            "egress": decision.egress.value if decision else None,
+            "source": self.local_address or (str(decision.source_address) if decision and decision.source_address else None),
+            "logical_location": decision.logical_city if decision else None,
+            "proxy_v2_source": str(decision.proxy_v2_source) if decision and decision.proxy_v2_source else None,
+            "rule": decision.rule if decision else None,
+            "path": decision.path.value if decision and decision.path else None,
+            "route": decision.route if decision else None,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration_ms": round((time.monotonic() - self.started_monotonic) * 1000, 1),
+            "outcome": self.outcome,
+            "closed_by": self.closed_by,
+            "error": self.error,
+        }
+
+
+class FlowLog:
+    """Writes flow records as JSON lines to a file (or stderr), flushed per line."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self.written = 0
+
+    def write(self, record: FlowRecord) -> None:
+        self._stream.write(json.dumps(record.as_json(), separators=(",", ":")) + "\n")
+        self._stream.flush()
+        self.written += 1
+
+    @classmethod
+    def to_path(cls, path: str) -> FlowLog:
+        return cls(open(path, "a", encoding="utf-8", buffering=1))
+
+    def close(self) -> None:
+        if self._stream not in (sys.stderr, sys.stdout):
+            self._stream.close()

@@ -1,0 +1,157 @@
+"""Device-facing listeners: accept, sniff the protocol, hand to the HTTP or SOCKS5 handler.
+
+A plain listener accepts raw sockets itself (so tunnels can be spliced) and serves HTTP
+proxy and SOCKS5 on one port: a first byte of 0x05 is SOCKS5, anything else HTTP. A TLS
+listener ("HTTPS proxy") serves HTTP over asyncio streams. Every connection task belongs
+to its listener, which cancels and awaits them on close: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+from egressd.pop.client_io import ClientIO, SocketIO, StreamIO
+from egressd.pop.http_proxy import serve_http
+from egressd.pop.runtime import PopRuntime
+from egressd.pop.socks_proxy import serve_socks5
+
+log = logging.getLogger("egressd.pop.listener")
+
+ACCEPTS_PER_WAKEUP = 64
+SOCKS_VERSION = 0x05
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    host: str
+    port: int
+    tls: bool = False
+    socks5: bool = True  # plain listeners also speak SOCKS5 (sniffed)
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    def __init__(self, runtime: PopRuntime, spec: ListenerSpec, *,
+                 tls_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        if spec.tls and tls_context is None:
+            raise ValueError("a TLS listener needs a TLS context")
+        self.runtime = runtime
+        self.spec = spec
+        self.tls_context = tls_context
+        self.reuse_port = reuse_port
+        self.sock: socket.socket | None = None
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.address: tuple[str, int] = (spec.host, spec.port)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = _bind(self.spec.host, self.spec.port, self.reuse_port)
+        self.address = sock.getsockname()[:2]
+        if self.spec.tls:
+            self.server = await asyncio.start_server(
+                self._serve_tls, sock=sock, ssl=self.tls_context,
+                ssl_handshake_timeout=self.runtime.options.handshake_timeout,
+            )
+        else:
+            self.sock = sock
+            loop.add_reader(sock.fileno(), self._on_acceptable)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
+        return f"{'https' if self.spec.tls else 'http'}://{host}:{self.address[1]}"
+
+    def _on_acceptable(self) -> None:
+        if self.sock is None:
+            return
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep the listener
+                log.warning("accept on %s failed: %s", self.url, exc)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.ensure_future(self._serve_plain(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve_plain(self, conn: socket.socket) -> None:
+        try:
+            io = SocketIO(conn)
+        except OSError:  # the client is already gone
+            conn.close()
+            return
+        await self._serve(io, sniff=self.spec.socks5)
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        await self._serve(StreamIO(reader, writer), sniff=False)
+
+    async def _serve(self, io: ClientIO, *, sniff: bool) -> None:
+        handed_off = False
+        try:
+            try:
+                async with asyncio.timeout(self.runtime.options.handshake_timeout):
+                    first = await io.recv()
+            except TimeoutError:
+                return
+            if not first:
+                return
+            if sniff and first[0] == SOCKS_VERSION:
+                handed_off = await serve_socks5(self.runtime, io, first)
+            else:
+                handed_off = await serve_http(self.runtime, io, first)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one connection, never the PoP
+            log.exception("unexpected error serving %s:%s", io.peer[0], io.peer[1])
+        finally:
+            if not handed_off:
+                io.close()
+
+    def stop_accepting(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+            self.server = None

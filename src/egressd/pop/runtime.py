@@ -1,0 +1,290 @@
+"""One PoP's runtime: the current snapshot and health view, and opening upstream flows.
+
+`PopRuntime.open_tcp` is where a proxied flow meets the decision: it resolves the
+destination (both families, R5), asks `decide` for each candidate address, and connects
+the usable ones with Happy Eyeballs, locally or through the backbone (R7). The egress
+side of a backbone flow, `egress_tcp`, re-checks that the requested source address is
+one of this PoP's dedicated addresses and belongs to the flow's account (R13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from egressd.decide import Decision, Flow, HealthView, Path, decide
+from egressd.model.addresses import IPAddress
+from egressd.model.snapshot import Snapshot
+from egressd.pop.flowlog import FlowLog, FlowRecord
+from egressd.pop.identity import Identity
+from egressd.pop.metrics import PopMetrics
+from egressd.pop.relay import PipePool, RelayRegistry
+from egressd.pop.resolver import ResolveError, Resolver
+from egressd.pop.upstream import (
+    SocketOptions,
+    UpstreamError,
+    connect_tcp,
+    happy_eyeballs,
+    interleave_families,
+    make_udp_socket,
+)
+from egressd.protocols.proxy_v2 import encode_proxy_v2
+
+
+class FlowRefused(Exception):
+    """The decision refused the flow (R11, R13, ...): the client gets 403 / SOCKS5 0x02."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+@dataclass(frozen=True, slots=True)
+class FlowHeader:
+    """What a backbone flow carries to its egress PoP (DESIGN §4, PoP -> PoP)."""
+
+    flow_id: str
+    account: str
+    source_address: IPAddress
+    destination: IPAddress
+    port: int
+    protocol: str
+    hostname: str | None = None
+
+
+class Backbone(Protocol):
+    """Carries flows to their egress PoP. In-process in `egressd serve`; mTLS between hosts."""
+
+    async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket: ...
+
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PopOptions:
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0  # a client must finish its request within this
+    idle_timeout: float = 300.0  # an established tunnel with no traffic either way
+    max_lifetime: float | None = None
+    udp_idle_timeout: float = 60.0
+    via: str = "egressd"
+    sockets: SocketOptions = field(default_factory=SocketOptions)
+
+
+class StateHolder:
+    """The snapshot and health view in force; replaced atomically, read per flow."""
+
+    def __init__(self, snapshot: Snapshot, view: HealthView) -> None:
+        self.snapshot = snapshot
+        self.view = view
+        self.applied_at = time.time()
+
+    def replace(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.applied_at = time.time()
+
+
+_flow_counter = itertools.count(1)
+
+
+def new_flow_id(pop: str) -> str:
+    return f"{pop}-{os.getpid():x}-{next(_flow_counter):x}"
+
+
+class PopRuntime:
+    def __init__(
+        self,
+        code: str,
+        state: StateHolder,
+        backbone: Backbone,
+        resolver: Resolver,
+        options: PopOptions,
+        flowlog: FlowLog,
+        metrics: PopMetrics,
+    ) -> None:
+        self.code = code
+        self.state = state
+        self.backbone = backbone
+        self.resolver = resolver
+        self.options = options
+        self.flowlog = flowlog
+        self.metrics = metrics
+        self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
+        self.pipes = PipePool()
+        self.draining = False
+
+    def new_record(self, protocol: str, client: tuple[str, int] | tuple[str, int, int, int]) -> FlowRecord:
+        return FlowRecord(flow_id=new_flow_id(self.code), protocol=protocol,
+                          connected_pop=self.code, client=f"{client[0]}:{client[1]}")
+
+    def finish(self, record: FlowRecord) -> None:
+        """Write the flow's log line and count it. Called exactly once per flow."""
+        self.flowlog.write(record)
+        decision = record.decision
+        self.metrics.flows.labels(
+            self.code, record.protocol, decision.egress.value if decision else "none",
+            decision.rule if decision else "-", record.outcome,
+        ).inc()
+        if record.bytes_up:
+            self.metrics.bytes.labels(self.code, "up").inc(record.bytes_up)
+        if record.bytes_down:
+            self.metrics.bytes.labels(self.code, "down").inc(record.bytes_down)
+
+    def decide_for(self, identity: Identity | None, protocol: str, address: IPAddress,
+                   port: int, hostname: str | None) -> Decision:
+        flow = Flow(
+            account=identity.account if identity else None,
+            user=identity.user if identity else "",
+            device=identity.device if identity else "",
+            connected_pop=self.code, protocol=protocol, address=address, port=port,
+            hostname=hostname,
+        )
+        return decide(self.state.snapshot, flow, self.state.view)
+
+    async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
+        try:
+            return await self.resolver.resolve(host, port)
+        except ResolveError as exc:
+            raise UpstreamError(str(exc), status=502, socks_reply=0x04) from exc
+
+    async def open_tcp(self, identity: Identity, host: str, port: int, record: FlowRecord) -> socket.socket:
+        """Resolve, decide per candidate, connect (Happy Eyeballs). Raises FlowRefused or
+        UpstreamError; fills the record's decision and addresses either way."""
+        record.port = port
+        addresses = await self.resolve(host, port)
+        hostname = None if _is_literal(host, addresses) else host
+        record.hostname = hostname
+        candidates: list[tuple[IPAddress, Decision]] = []
+        refused: Decision | None = None
+        for address in interleave_families(addresses):
+            decision = self.decide_for(identity, "tcp", address, port, hostname)
+            if decision.refused:
+                refused = refused or decision
+                record.destination = record.destination or str(address)
+            else:
+                candidates.append((address, decision))
+        if not candidates:
+            assert refused is not None
+            record.decision = refused
+            raise FlowRefused(refused)
+        record.decision = candidates[0][1]
+        record.destination = str(candidates[0][0])
+        started = time.monotonic()
+        attempts = [self._attempt(address, port, decision, record) for address, decision in candidates]
+        sock, index = await happy_eyeballs(attempts, cleanup=_close_socket)
+        address, decision = candidates[index]
+        record.decision = decision
+        record.destination = str(address)
+        local = sock.getsockname()
+        record.local_address = f"{local[0]}:{local[1]}"
+        self.metrics.connect_seconds.labels(self.code, decision.path.value if decision.path else "-").observe(
+            time.monotonic() - started)
+        return sock
+
+    def _attempt(self, address: IPAddress, port: int, decision: Decision,
+                 record: FlowRecord) -> Callable[[], asyncio.Future[socket.socket] | asyncio.Task[socket.socket]]:
+        async def attempt() -> socket.socket:
+            return await self._connect_one(address, port, decision, record)
+        return lambda: asyncio.ensure_future(attempt())
+
+    async def _connect_one(self, address: IPAddress, port: int, decision: Decision,
+                           record: FlowRecord) -> socket.socket:
+        source = decision.source_address
+        assert source is not None
+        if decision.path is Path.PRIVATE_ROUTE and decision.via is not None and decision.route:
+            route = next((r for r in self.state.snapshot.routes if r.id == decision.route), None)
+            if route is not None and route.kind.value == "tunnel":
+                raise UpstreamError(f"private route {route.id}: connector {route.via!r} is not connected",
+                                    status=502, socks_reply=0x03)
+        if decision.egress_pop not in (None, self.code):
+            header = FlowHeader(flow_id=record.flow_id, account=record.account or "",
+                                source_address=source, destination=address, port=port,
+                                protocol="tcp", hostname=record.hostname)
+            return await self.backbone.open_tcp(decision.egress_pop or "", header)
+        sock = await connect_tcp(source, address, port, self.options.sockets, self.options.connect_timeout)
+        if decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None:
+            # R8: the origin sees the dedicated address as the logical source.
+            local_port = sock.getsockname()[1]
+            header_bytes = encode_proxy_v2((str(decision.proxy_v2_source), local_port), (str(address), port))
+            try:
+                await asyncio.get_running_loop().sock_sendall(sock, header_bytes)
+            except OSError as exc:
+                sock.close()
+                raise UpstreamError(f"in-network origin {address}: {exc.strerror}") from exc
+        return sock
+
+    async def egress_tcp(self, header: FlowHeader) -> socket.socket:
+        """The egress PoP's side of a backbone flow: check ownership (R13), then connect."""
+        self._check_backbone_source(header)
+        return await connect_tcp(header.source_address, header.destination, header.port,
+                                 self.options.sockets, self.options.connect_timeout)
+
+    async def egress_udp(self, header: FlowHeader) -> socket.socket:
+        self._check_backbone_source(header)
+        return make_udp_socket(header.source_address, self.options.sockets)
+
+    def _check_backbone_source(self, header: FlowHeader) -> None:
+        snapshot = self.state.snapshot
+        owner = snapshot.owner_of(header.source_address)
+        entry = snapshot.accounts.get(header.account)
+        home = None
+        if entry is not None:
+            home = next((loc.home_pop for loc in entry.active_locations if loc.ipv4 == header.source_address), None)
+        if owner != header.account or home != self.code:
+            raise UpstreamError(
+                f"egress PoP {self.code} refused flow {header.flow_id}: {header.source_address} is not an "
+                f"active dedicated address of account {header.account!r} at this PoP", status=502, socks_reply=0x02)
+
+
+def _is_literal(host: str, addresses: tuple[IPAddress, ...]) -> bool:
+    return len(addresses) == 1 and str(addresses[0]) == host.strip("[]").lower()
+
+
+def _close_socket(sock: socket.socket) -> None:
+    sock.close()
+
+
+class InProcessBackbone:
+    """The backbone inside one process (`egressd serve`): hands flows to the egress PoP's
+    runtime after the simulated one-way delay. Each PoP holds its own `link(code)`, which
+    implements the same `Backbone` interface as the mTLS backbone between hosts."""
+
+    def __init__(self, rtt_ms: dict[tuple[str, str], float] | None = None) -> None:
+        self.pops: dict[str, PopRuntime] = {}
+        self.rtt_ms = rtt_ms or {}
+        self.down: set[str] = set()
+
+    def link(self, connected_pop: str) -> InProcessLink:
+        return InProcessLink(self, connected_pop)
+
+
+class InProcessLink:
+    """One PoP's end of the in-process backbone."""
+
+    def __init__(self, backbone: InProcessBackbone, connected_pop: str) -> None:
+        self.backbone = backbone
+        self.connected_pop = connected_pop
+
+    async def _reach(self, egress_pop: str) -> PopRuntime:
+        pop = self.backbone.pops.get(egress_pop)
+        if pop is None or egress_pop in self.backbone.down:
+            raise UpstreamError(f"egress PoP {egress_pop} is unreachable over the backbone",
+                                status=502, socks_reply=0x03)
+        rtt = self.backbone.rtt_ms.get((self.connected_pop, egress_pop), 0.0)
+        if rtt:
+            await asyncio.sleep(rtt / 2000)  # one way, in seconds
+        return pop
+
+    async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        pop = await self._reach(egress_pop)
+        return await pop.egress_tcp(header)
+
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        pop = await self._reach(egress_pop)
+        return await pop.egress_udp(header)

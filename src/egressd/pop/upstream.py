@@ -1,0 +1,221 @@
+"""The one door to the network: every upstream socket of a PoP is created here.
+
+It turns a Decision's source address into a bound socket (R15: `IP_BIND_ADDRESS_NO_PORT`
+so the port is chosen at connect() time, per 4-tuple, never an explicit port; and
+`IP_LOCAL_PORT_RANGE` where the kernel has it), runs Happy Eyeballs (RFC 8305) over the
+candidate addresses, and maps OS errors to `UpstreamError` with a reason a user can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from egressd.model.addresses import IPAddress
+
+# Linux values; the socket module has no names for some of them on Python 3.11.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_LOCAL_PORT_RANGE = 51  # Linux >= 6.3
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IPV6_FREEBIND = 78  # Linux >= 4.15
+
+CONNECTION_ATTEMPT_DELAY_S = 0.25  # RFC 8305 §5 recommended value
+
+T = TypeVar("T")
+
+
+class UpstreamError(Exception):
+    """An upstream could not be reached. `status` is the HTTP status a proxy should answer."""
+
+    def __init__(self, reason: str, *, status: int = 502, socks_reply: int = 0x01) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.socks_reply = socks_reply
+
+
+def _read_port_range() -> tuple[int, int] | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
+            low, high = (int(part) for part in handle.read().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """How upstream sockets are made; one instance per PoP process."""
+
+    local_port_range: tuple[int, int] | None = _read_port_range()
+    freebind_ipv6: bool = True  # dedicated IPv6 ranges are routed, not configured (R9)
+    freebind_ipv4: bool = False
+
+
+_port_range_supported = True
+
+
+def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
+    """A non-blocking TCP socket bound to `source` with no port yet (R15)."""
+    global _port_range_supported
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if options.local_port_range and _port_range_supported:
+            low, high = options.local_port_range
+            try:
+                # u32 (high << 16 | low): above INT_MAX, so it is passed as bytes.
+                sock.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", (high << 16) | low))
+            except OSError as exc:
+                if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                    raise
+                _port_range_supported = False  # older kernel: IP_BIND_ADDRESS_NO_PORT alone
+        _set_freebind(sock, source, options)
+        sock.bind((str(source), 0))
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(f"cannot bind source address {source}: {exc.strerror}", status=502) from exc
+    return sock
+
+
+def make_udp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
+    """A non-blocking UDP socket bound to `source`, port chosen by the kernel."""
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        _set_freebind(sock, source, options)
+        sock.bind((str(source), 0))
+    except OSError as exc:
+        sock.close()
+        raise UpstreamError(f"cannot bind UDP source address {source}: {exc.strerror}") from exc
+    return sock
+
+
+def _set_freebind(sock: socket.socket, source: IPAddress, options: SocketOptions) -> None:
+    if source.version == 6 and options.freebind_ipv6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    elif source.version == 4 and options.freebind_ipv4:
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+
+
+async def connect_tcp(
+    source: IPAddress, address: IPAddress, port: int, options: SocketOptions, connect_timeout: float
+) -> socket.socket:
+    """Connect from `source` to `address:port`; the caller owns the returned socket."""
+    loop = asyncio.get_running_loop()
+    sock = make_tcp_socket(source, options)
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.sock_connect(sock, (str(address), port))
+    except TimeoutError as exc:
+        sock.close()
+        raise UpstreamError(f"connect to {_fmt(address, port)} timed out after {connect_timeout:g} s",
+                            status=504, socks_reply=0x04) from exc
+    except OSError as exc:
+        sock.close()
+        raise _map_connect_error(exc, address, port) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _fmt(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _map_connect_error(exc: OSError, address: IPAddress, port: int) -> UpstreamError:
+    target = _fmt(address, port)
+    if exc.errno == errno.ECONNREFUSED:
+        return UpstreamError(f"{target} refused the connection", status=502, socks_reply=0x05)
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+        return UpstreamError(f"{target} is unreachable: {exc.strerror}", status=502, socks_reply=0x03)
+    return UpstreamError(f"connect to {target} failed: {exc.strerror or exc}", status=502)
+
+
+async def happy_eyeballs(
+    attempts: Sequence[Callable[[], Awaitable[T]]],
+    *,
+    delay: float = CONNECTION_ATTEMPT_DELAY_S,
+    cleanup: Callable[[T], None],
+) -> tuple[T, int]:
+    """RFC 8305 §5: start attempts `delay` apart (sooner when one fails); first success wins.
+
+    Results of attempts that succeed after the winner are passed to `cleanup` (so no socket
+    leaks), and every task is awaited before returning: nothing is left running.
+    """
+    if not attempts:
+        raise UpstreamError("no address to connect to")
+    pending: dict[asyncio.Task[T], int] = {}
+    errors: list[BaseException] = []
+    winner: tuple[T, int] | None = None
+    try:
+        for index, attempt in enumerate(attempts):
+            pending[asyncio.ensure_future(attempt())] = index
+            while pending and winner is None:
+                done, _ = await asyncio.wait(pending, timeout=delay,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # the attempt delay passed: start the next attempt
+                winner = _collect(done, pending, errors, winner, cleanup)
+            if winner is not None:
+                return winner
+        while pending and winner is None:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            winner = _collect(done, pending, errors, winner, cleanup)
+        if winner is not None:
+            return winner
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in list(pending):
+            try:
+                result = await task
+            except BaseException:  # noqa: S112 - losers' errors are irrelevant once decided
+                continue
+            cleanup(result)
+    upstream_errors = [error for error in errors if isinstance(error, UpstreamError)]
+    if upstream_errors:
+        raise upstream_errors[-1]
+    raise UpstreamError(f"all {len(attempts)} connection attempts failed: {errors[-1]}")
+
+
+def _collect(
+    done: set[asyncio.Task[T]],
+    pending: dict[asyncio.Task[T], int],
+    errors: list[BaseException],
+    winner: tuple[T, int] | None,
+    cleanup: Callable[[T], None],
+) -> tuple[T, int] | None:
+    for task in done:
+        index = pending.pop(task)
+        error = task.exception()
+        if error is not None:
+            errors.append(error)
+        elif winner is None:
+            winner = (task.result(), index)
+        else:
+            cleanup(task.result())
+    return winner
+
+
+def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    """RFC 8305 §4: alternate families, starting with IPv6, keeping order within a family."""
+    v6 = [address for address in addresses if address.version == 6]
+    v4 = [address for address in addresses if address.version == 4]
+    ordered: list[IPAddress] = []
+    for index in range(max(len(v6), len(v4))):
+        if index < len(v6):
+            ordered.append(v6[index])
+        if index < len(v4):
+            ordered.append(v4[index])
+    return ordered

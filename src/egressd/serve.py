@@ -1,0 +1,214 @@
+"""`egressd serve`: the whole gateway in one process, for a first look and for tests.
+
+Three PoPs modelled on the seed's example (las, lax, jfk) on loopback addresses, an echo
+origin, an enterprise account `acme` with dedicated egress in lax and jfk, a free account
+`globex`. PoP-to-PoP hand-off is in-process, through the same `Backbone` interface the
+mTLS backbone implements, delayed by the simulated RTT between the cities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egressd.decide import HealthView
+from egressd.echo.server import EchoServer
+from egressd.model.deployment import load_deployment
+from egressd.model.snapshot import Snapshot
+from egressd.model.topology import great_circle_km
+from egressd.pki import ensure_ca, ensure_server_cert
+from egressd.pop.flowlog import FlowLog
+from egressd.pop.identity import hash_secret
+from egressd.pop.listeners import ListenerSpec
+from egressd.pop.metrics import PopMetrics
+from egressd.pop.resolver import Resolver
+from egressd.pop.runtime import InProcessBackbone, PopOptions, PopRuntime, StateHolder
+from egressd.pop.server import PopServer, server_tls_context
+
+FIBRE_KM_PER_MS = 200.0  # light in fibre, one way
+ROUTE_STRETCH = 1.5  # fibre paths are longer than great circles
+ECHO_HOST = "127.0.9.1"
+ECHO_NAME = "echo.egressd.test"
+DEVICES = {"acme": "acme-laptop", "globex": "globex-laptop"}
+
+
+def rtt_matrix(snapshot: Snapshot) -> dict[tuple[str, str], float]:
+    """Simulated backbone RTTs in ms from the great-circle distance between PoPs."""
+    dcs = list(snapshot.data_centers.values())
+    return {
+        (a.code, b.code): round(2 * great_circle_km(a, b) * ROUTE_STRETCH / FIBRE_KM_PER_MS, 2)
+        for a in dcs for b in dcs if a.code != b.code
+    }
+
+
+@dataclass
+class ServeSettings:
+    state_dir: Path = Path(".egressd")
+    host: str = "127.0.0.1"
+    port_base: int = 18080  # 0: every port ephemeral
+    acme_proxy_udp: bool = True
+    options: PopOptions = field(default_factory=PopOptions)
+
+
+def _port(base: int, offset: int) -> int:
+    return base + offset if base else 0
+
+
+def _secrets(path: Path) -> dict[str, str]:
+    """Device secrets of the demo accounts, created once and kept (mode 0600)."""
+    with contextlib.suppress(OSError, ValueError):
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and all(isinstance(stored.get(a), str) for a in DEVICES):
+            return {account: stored[account] for account in DEVICES}
+    created = {account: secrets.token_urlsafe(18) for account in DEVICES}
+    _write_private(path, json.dumps(created))
+    return created
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds device secrets)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def embedded_deployment(device_secrets: dict[str, str], *, acme_proxy_udp: bool) -> str:
+    template = importlib.resources.files("egressd").joinpath("data/serve.toml").read_text()
+    return template.format(
+        acme_proxy_udp="true" if acme_proxy_udp else "false",
+        acme_secret_sha256=hash_secret(device_secrets["acme"]),
+        globex_secret_sha256=hash_secret(device_secrets["globex"]),
+    )
+
+
+class ServeStack:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.echo = EchoServer()
+        self.pops: dict[str, PopServer] = {}
+        self.backbone = InProcessBackbone()
+        self.flowlog: FlowLog | None = None
+        self.info: dict[str, Any] = {}
+
+    async def start(self) -> dict[str, Any]:
+        settings = self.settings
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        device_secrets = _secrets(state / "secrets.json")
+        snapshot = load_deployment(embedded_deployment(device_secrets, acme_proxy_udp=settings.acme_proxy_udp))
+        matrix = rtt_matrix(snapshot)
+        self.backbone.rtt_ms = matrix
+        view = HealthView(up=frozenset(snapshot.data_centers), rtt_ms=matrix)
+        ca = ensure_ca(state / "pki", "egressd serve CA")
+        pop_cert = ensure_server_cert(state / "pki", "pop", ["localhost"], [settings.host], ca)
+        echo_cert = ensure_server_cert(state / "pki", "echo", [ECHO_NAME], [ECHO_HOST], ca)
+        try:
+            await self.echo.start(ECHO_HOST, http_port=_port(settings.port_base, 0),
+                                  udp_port=_port(settings.port_base, 0),
+                                  h3_port=_port(settings.port_base, 1),
+                                  certfile=str(echo_cert.cert_path), keyfile=str(echo_cert.key_path))
+            self.flowlog = FlowLog.to_path(str(state / "flows.jsonl"))
+            metrics = PopMetrics()
+            resolver = Resolver(static={ECHO_NAME: [ipaddress.ip_address(ECHO_HOST)]})
+            tls = server_tls_context(pop_cert.cert_path, pop_cert.key_path)
+            for index, code in enumerate(("las", "lax", "jfk"), start=1):
+                runtime = PopRuntime(code, StateHolder(snapshot, view), self.backbone.link(code), resolver,
+                                     settings.options, self.flowlog, metrics)
+                self.backbone.pops[code] = runtime
+                specs = [ListenerSpec(settings.host, _port(settings.port_base, index * 10)),
+                         ListenerSpec(settings.host, _port(settings.port_base, index * 10 + 1), tls=True)]
+                server = PopServer(runtime, specs, tls_context=tls)
+                await server.start()
+                self.pops[code] = server
+        except BaseException:
+            await self.close()
+            raise
+        self.info = self._describe(snapshot, device_secrets, str(ca.cert_path))
+        _write_private(state / "serve.json", json.dumps(self.info, indent=2))
+        for account_id, device in DEVICES.items():
+            # curl reads the credentials from here, so the guide never prints a secret.
+            _write_private(state / f"{account_id}.curlrc",
+                           f'proxy-user = "{device}:{device_secrets[account_id]}"\n')
+            self.info["accounts"][account_id]["curlrc"] = str(state / f"{account_id}.curlrc")
+        return self.info
+
+    def _describe(self, snapshot: Snapshot, device_secrets: dict[str, str], ca_cert: str) -> dict[str, Any]:
+        echo_port = self.echo.http_port
+        pops: dict[str, Any] = {}
+        for code, server in self.pops.items():
+            dc = snapshot.data_centers[code]
+            plain = server.listener(tls=False).address
+            tls = server.listener(tls=True).address
+            pops[code] = {
+                "city": dc.city,
+                "http_proxy": f"http://{plain[0]}:{plain[1]}",
+                "https_proxy": f"https://{tls[0]}:{tls[1]}",
+                "socks5": f"socks5://{plain[0]}:{plain[1]}",
+                "shared_ipv4": [str(address) for address in dc.shared_ipv4],
+                "health": f"http://{plain[0]}:{plain[1]}/health",
+            }
+        accounts: dict[str, Any] = {}
+        for account_id, device in DEVICES.items():
+            entry = snapshot.accounts[account_id]
+            accounts[account_id] = {
+                "plan": entry.account.plan.value,
+                "username": device,
+                "password": device_secrets[account_id],
+                "proxy_udp": entry.account.settings.proxy_udp,
+            }
+            if entry.locations:
+                accounts[account_id]["dedicated"] = {
+                    loc.home_pop: str(loc.ipv4) for loc in entry.locations.values()}
+        return {
+            "echo": {"http": f"http://{ECHO_HOST}:{echo_port}/", "name": f"http://{ECHO_NAME}:{echo_port}/",
+                     "trace": f"http://{ECHO_HOST}:{echo_port}/trace",
+                     "udp": f"{ECHO_HOST}:{self.echo.udp_port}", "h3": f"https://{ECHO_HOST}:{self.echo.h3_port}/"},
+            "ca_cert": ca_cert,
+            "flow_log": str(self.settings.state_dir / "flows.jsonl"),
+            "backbone_rtt_ms": {f"{a}-{b}": rtt for (a, b), rtt in self.backbone.rtt_ms.items()},
+            "pops": pops,
+            "accounts": accounts,
+        }
+
+    async def drain(self, grace_seconds: float) -> None:
+        for server in self.pops.values():
+            await server.drain(grace_seconds)
+        await self.close()
+
+    async def close(self) -> None:
+        for server in self.pops.values():
+            await server.close()
+        self.pops.clear()
+        await self.echo.close()
+        if self.flowlog is not None:
+            self.flowlog.close()
+            self.flowlog = None
+
+
+def try_it(info: dict[str, Any]) -> list[str]:
+    """The lines `egressd serve` prints for a new user. Credentials stay in the 0600 curlrc
+    files (`-K`): the guide itself never prints a secret."""
+    las = info["pops"]["las"]
+    acme, globex = info["accounts"]["acme"], info["accounts"]["globex"]
+    plain = las["http_proxy"]
+    echo = info["echo"]["name"]
+    return [
+        f"# acme (enterprise) through Las Vegas leaves from its Los Angeles address {acme['dedicated']['lax']}:",
+        f"curl -K {acme['curlrc']} -x {plain} {echo}",
+        f"# globex (free) leaves from a shared Las Vegas address ({', '.join(las['shared_ipv4'])}):",
+        f"curl -K {globex['curlrc']} -x {plain} {echo}",
+        "# the same through the HTTPS proxy, as a CONNECT tunnel, and over SOCKS5:",
+        f"curl -K {acme['curlrc']} --proxy {las['https_proxy']} --proxy-cacert {info['ca_cert']} {echo}trace",
+        f"curl -K {acme['curlrc']} -p -x {plain} {echo}trace",
+        f"curl -K {acme['curlrc']} --socks5-hostname {plain.removeprefix('http://')} {echo}",
+        f"# every flow, one JSON line each: tail -f {info['flow_log']}",
+        f"# PoP health and metrics: curl {las['health']}   curl {plain}/metrics",
+    ]
