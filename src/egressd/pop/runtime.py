@@ -288,3 +288,13 @@ class InProcessLink:
     async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
         pop = await self._reach(egress_pop)
         return await pop.egress_udp(header)
+
+
+class NoBackbone:
+    """A PoP without backbone links: flows that must egress elsewhere fail clearly."""
+
+    async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        raise UpstreamError(f"no backbone link to egress PoP {egress_pop}", status=502, socks_reply=0x03)
+
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        raise UpstreamError(f"no backbone link to egress PoP {egress_pop}", status=502, socks_reply=0x03)

@@ -1,0 +1,122 @@
+"""egressd against the peer proxies, in one run of the shared harness (../shared/bench).
+
+Starts `egressd pop` (HTTP CONNECT + forward proxy and SOCKS5 on one port) as the
+harness's extra targets, runs every load against it, the peers and a direct connection,
+then prints one JSON line per figure: egressd's median, its ratio to direct and to each
+peer, the target from the issue and whether it was met. The harness checks on every
+measurement that the origin saw the PoP's shared address (127.0.0.2).
+
+    python benchmarks/proxy.py                 # full run, about 15 min on 2 cores
+    python benchmarks/proxy.py --quick         # about 3 min, for a look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE.parent.parent / "shared" / "bench"
+PEERS = "squid,haproxy,tinyproxy,dante,pproxy"
+
+# (test, figure, which egressd target, the peers it is compared with, how it is judged)
+TARGETS = [
+    ("bulk-1", "mb_per_s", "egressd", "best", 1.5),
+    ("bulk-4", "mb_per_s", "egressd", "best", 1.5),
+    ("connect-c64", "tunnels_per_s", "egressd", "haproxy", 1.0),
+    ("connect-c1", "lat_p50_ms", "egressd", "haproxy", None),  # no worse than haproxy's p50
+    ("http-c64", "req_per_s", "egressd", "haproxy", 1.0),
+    ("idle", "rss_per_tunnel_kib", "egressd", None, 5.0),  # at most 5 KiB
+    ("bulk-1", "mb_per_s", "egressd-socks", "dante", 1.5),
+    ("bulk-4", "mb_per_s", "egressd-socks", "dante", 1.5),
+    ("connect-c64", "tunnels_per_s", "egressd-socks", "dante", 1.0),
+    ("idle", "rss_per_tunnel_kib", "egressd-socks", None, 5.0),
+]
+
+
+def run_harness(args: argparse.Namespace, summary: Path) -> None:
+    deployment = HERE / "deployment.toml"
+    command = (f"{sys.executable} -m egressd pop -d {deployment} --pop bench --listen 127.0.0.1:{{port}} "
+               f"--flow-log off --workers {args.workers} --log-level warning")
+    argv = [str(HARNESS / "run_peers.sh"), "--peers", args.peers,
+            "--extra", f"egressd={command}", "--extra-proxy", "egressd=http://bench:bench-secret@127.0.0.1:{port}",
+            "--extra", f"egressd-socks={command}",
+            "--extra-proxy", "egressd-socks=socks5://bench:bench-secret@127.0.0.1:{port}",
+            "--json-summary", str(summary), "--out", str(args.out)]
+    if args.quick:
+        argv += ["--reps", "1", "--duration", "1.5", "--bulk-max-seconds", "2", "--idle-count", "2000"]
+    print("running:", " ".join(argv), file=sys.stderr)
+    subprocess.run(argv, check=True, stdout=sys.stderr)
+
+
+def figures(summary: dict, target: str) -> dict:  # type: ignore[type-arg]
+    return summary["targets"].get(target, {}).get("tests", {})
+
+
+def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
+    lines = []
+    direct = figures(summary, "direct")
+    peers = [name for name in summary["targets"] if name not in ("direct", "egressd", "egressd-socks")]
+    for test, figure, target, against, goal in TARGETS:
+        mine = figures(summary, target).get(test, {})
+        value = mine.get("median") if figure != "lat_p50_ms" else mine.get("lat_p50_ms")
+        if value is None:
+            continue
+        line: dict = {"test": test, "target": target, "figure": figure, "value": value,  # type: ignore[type-arg]
+                      "source_ok": summary["targets"][target].get("all_ok")}
+        base = direct.get(test, {}).get("median")
+        if base and figure != "rss_per_tunnel_kib":
+            line["ratio_to_direct"] = round((value if figure != "lat_p50_ms" else base) /
+                                            (base if figure != "lat_p50_ms" else value), 3)
+        ratios = {}
+        for peer in peers:
+            theirs = figures(summary, peer).get(test, {})
+            other = theirs.get("median") if figure != "lat_p50_ms" else theirs.get("lat_p50_ms")
+            if other:
+                ratios[peer] = round(value / other, 3)
+        line["ratio_to_peer"] = ratios
+        if figure == "rss_per_tunnel_kib":
+            line["goal"], line["met"] = f"<= {goal} KiB", value <= goal  # type: ignore[operator]
+        elif figure == "lat_p50_ms":
+            ref = ratios.get("haproxy")
+            line["goal"], line["met"] = "p50 <= haproxy's", ref is not None and ref <= 1.0
+        elif against == "best":
+            best = max(ratios.values()) if ratios else None
+            line["goal"] = f">= {goal}x the best peer"
+            line["met"] = best is not None and value >= goal * max(  # type: ignore[operator]
+                figures(summary, p).get(test, {}).get("median") or 0 for p in peers)
+        elif against:
+            line["goal"], line["met"] = f">= {goal}x {against}", ratios.get(against, 0) >= goal  # type: ignore[operator]
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one repetition, short loads")
+    parser.add_argument("--peers", default=PEERS, help=f"comma-separated peers (default {PEERS})")
+    parser.add_argument("--workers", type=int, default=2, help="egressd worker processes (default 2)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "egressd-bench")
+    parser.add_argument("--summary", type=Path, help="read an existing summary.json instead of running")
+    args = parser.parse_args()
+    if args.summary:
+        summary_path = args.summary
+    else:
+        if not (HARNESS / "run_peers.sh").exists():
+            sys.exit(f"the peer harness is not at {HARNESS}")
+        os.environ.setdefault("BENCH_SOURCE_IP", "127.0.0.2")
+        summary_path = args.out / "summary.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_harness(args, summary_path)
+    summary = json.loads(summary_path.read_text())
+    for line in report(summary):
+        print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m egressd` is the `egressd` command."""
+
+from egressd.cli import main
+
+main()
