@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -15,7 +16,11 @@ def setup_logging(level: str) -> None:
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run `main` on uvloop (the standard loop if uvloop is missing)."""
+    """Run `main` on uvloop (the standard loop if uvloop is missing or
+    EGRESSD_EVENT_LOOP=asyncio, for comparisons)."""
+    if os.environ.get("EGRESSD_EVENT_LOOP") == "asyncio":
+        asyncio.run(main())
+        return
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

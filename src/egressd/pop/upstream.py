@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,11 +112,10 @@ async def connect_tcp(
     source: IPAddress, address: IPAddress, port: int, options: SocketOptions, connect_timeout: float
 ) -> socket.socket:
     """Connect from `source` to `address:port`; the caller owns the returned socket."""
-    loop = asyncio.get_running_loop()
     sock = make_tcp_socket(source, options)
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.sock_connect(sock, (str(address), port))
+            await _connect(sock, (str(address), port))
     except TimeoutError as exc:
         sock.close()
         raise UpstreamError(f"connect to {_fmt(address, port)} timed out after {connect_timeout:g} s",
@@ -127,6 +127,32 @@ async def connect_tcp(
         sock.close()
         raise
     return sock
+
+
+async def _connect(sock: socket.socket, target: tuple[str, int]) -> None:
+    """A non-blocking connect to an address literal. Hand-written because uvloop's
+    sock_connect resolves even literals and costs about 60 µs per upstream connection."""
+    err = sock.connect_ex(target)
+    if err == 0:
+        return
+    if err not in (errno.EINPROGRESS, errno.EAGAIN):
+        raise OSError(err, os.strerror(err))
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_done, writable)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _fmt(address: IPAddress, port: int) -> str:
@@ -155,6 +181,8 @@ async def happy_eyeballs(
     """
     if not attempts:
         raise UpstreamError("no address to connect to")
+    if len(attempts) == 1:  # nothing to race: skip the task and the timer
+        return await attempts[0](), 0
     pending: dict[asyncio.Task[T], int] = {}
     errors: list[BaseException] = []
     winner: tuple[T, int] | None = None

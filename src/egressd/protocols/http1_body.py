@@ -365,6 +365,7 @@ def _list_items(values: list[bytes]) -> list[bytes]:
 
 
 def parse_connection_tokens(values: list[bytes], status: int) -> frozenset[str]:
+    """Lower-cased Connection options; a framing field among them is an error."""
     tokens = set()
     for item in _list_items(values):
         if not item:
@@ -378,12 +379,14 @@ def parse_connection_tokens(values: list[bytes], status: int) -> frozenset[str]:
 
 
 def keep_alive_for(version: str, tokens: frozenset[str]) -> bool:
+    """Persistence per RFC 9112 §9.3: 1.1 unless "close", 1.0 only with "keep-alive"."""
     if "close" in tokens:
         return False
     return version == "HTTP/1.1" or "keep-alive" in tokens
 
 
 def parse_content_length(values: list[bytes], status: int) -> int:
+    """The one length all Content-Length values agree on (RFC 9110 §8.6), else an error."""
     length = -1
     for item in _list_items(values):
         if not item.isdigit() or len(item) > _MAX_CONTENT_LENGTH_DIGITS:  # ASCII digits only
@@ -396,6 +399,7 @@ def parse_content_length(values: list[bytes], status: int) -> int:
 
 
 def parse_transfer_codings(values: list[bytes], status: int) -> list[str]:
+    """Lower-cased codings in order; chunked, if present, must be last and appear once."""
     codings = []
     for item in _list_items(values):
         if TOKEN.fullmatch(item) is None:  # empty elements and parameters included
@@ -407,6 +411,7 @@ def parse_transfer_codings(values: list[bytes], status: int) -> list[str]:
 
 
 def collect_fields(lines: list[bytes], status: int) -> tuple[Headers, dict[bytes, list[bytes]]]:
+    """Validate field lines: (name, value) pairs, and the values of TRACKED_FIELDS by name."""
     headers = []
     tracked: dict[bytes, list[bytes]] = {}
     for line in lines:
