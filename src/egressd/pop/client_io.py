@@ -46,13 +46,26 @@ class SocketIO:
         self.is_tls = False
 
     async def recv(self) -> bytes:
+        # Try the socket first: uvloop's sock_recv always polls (two epoll_ctl calls and a
+        # loop iteration) even when the bytes are already there.
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            pass
+        except (ConnectionError, OSError):
+            return b""
         try:
             return await self.loop.sock_recv(self.sock, RECV_SIZE)
         except (ConnectionError, OSError):
             return b""
 
     async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            await self.loop.sock_sendall(self.sock, data[sent:])
 
     def close(self) -> None:
         self.sock.close()

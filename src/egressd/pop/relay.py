@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
 ROUNDS_PER_WAKEUP = 16  # bounded so that one busy tunnel cannot starve the loop
@@ -39,14 +41,21 @@ class RelayResult:
 class PipePool:
     """Empty pipes ready for reuse; bounded so a burst does not keep descriptors forever."""
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int = 64, pipe_size: int = 1 << 20) -> None:
         self._free: list[tuple[int, int]] = []
         self._keep = keep
+        self.pipe_size = pipe_size
 
     def take(self) -> tuple[int, int]:
         if self._free:
             return self._free.pop()
-        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.pipe_size:
+            try:  # a bigger pipe moves more per splice() call; the default is 64 KiB
+                fcntl.fcntl(pipe[1], F_SETPIPE_SZ, self.pipe_size)
+            except OSError:
+                self.pipe_size = 0  # over the per-user pipe budget: keep the default
+        return pipe
 
     def give(self, pipe: tuple[int, int]) -> None:
         if len(self._free) < self._keep:
