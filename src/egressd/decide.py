@@ -116,9 +116,12 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
     address = flow.address
     version = address.version
     address_int = int(address)
+    own = snapshot.infrastructure.longest_int(version, address_int)
+    if own is not None:  # the gateway's own addresses: no setting re-allows them
+        return _refuse(flow, "R13", f"destination {address} is {own}")
     forbidden = snapshot.forbidden.longest_int(version, address_int)
     if forbidden is not None and snapshot.allowed.longest_int(version, address_int) is None:
-        return _refuse(flow, "R13", f"destination {address} is a {forbidden} address")
+        return _refuse(flow, "R13", f"destination {address} is {forbidden}")
     hostname = flow.hostname
     if hostname:
         hostname = normalise_hostname(hostname)
@@ -196,19 +199,31 @@ def _by_policy(
             reason=f"policy {policy.id} asks for dedicated egress, which is not active",
         )
     hostname = normalise_hostname(flow.hostname) if flow.hostname else None
-    if flow.address.version == 6:
+    if flow.address.version == 6:  # R9: leaves locally, so no secondary is needed
         location = entry.locations.get(action.ipv6)
         if location is not None and location in entry.active_locations and location.ipv6:
             return _dedicated(snapshot, connected, flow, location, rule, hostname)
-        return _refuse(flow, rule, f"IPv6 location {action.ipv6!r} is not active")
+        if action.secondary == SHARED_SECONDARY:
+            return _shared(
+                connected,
+                flow,
+                f"{rule}+R11",
+                reason=f"IPv6 location {action.ipv6!r} is not active; secondary is shared",
+            )
+        return _refuse(
+            flow, f"{rule}+R11", f"policy {policy.id}: IPv6 location {action.ipv6!r} is not active"
+        )
+    needs_home = not _in_network(snapshot, flow, hostname)
     for candidate in (action.primary, action.secondary):
         if candidate == SHARED_SECONDARY:
-            return _shared(connected, flow, rule, reason="primary unusable; secondary is shared")
+            return _shared(
+                connected, flow, f"{rule}+R11", reason="primary unusable; secondary is shared"
+            )
         location = entry.locations.get(candidate)
         if (
             location is not None
             and location in entry.active_locations
-            and view.is_up(connected.code, location.home_pop)
+            and (not needs_home or view.is_up(connected.code, location.home_pop))
         ):
             failover = candidate != action.primary
             return _dedicated(
@@ -222,20 +237,40 @@ def _by_policy(
     )
 
 
+def _in_network(snapshot: Snapshot, flow: Flow, hostname: str | None) -> bool:
+    """R8: an IPv4 destination served inside the gateway's network."""
+    return snapshot.origin_cidrs.longest(flow.address) is not None or (
+        hostname is not None and snapshot.origin_hosts.longest(hostname) is not None
+    )
+
+
 def _most_performant(
     snapshot: Snapshot, entry: AccountIndex, connected: DataCenter, flow: Flow, view: HealthView
 ) -> DedicatedLocation | None:
-    """R6: lowest backbone RTT from the connected PoP, ties broken by a stable user hash."""
+    """R6: lowest backbone RTT from the connected PoP, ties broken by a stable user hash.
+
+    IPv4 needs the home PoP reachable (R7), unless the destination is in-network (R8).
+    IPv6 leaves locally (R9) but prefers the same reachable location as IPv4 would, so a
+    user's two families keep one logical city; an unreachable one is used only as a last
+    resort.
+    """
     best: DedicatedLocation | None = None
-    best_key: tuple[float, int] = (math.inf, 0)
+    best_key: tuple[bool, float, int] = (True, math.inf, 0)
     ipv6 = flow.address.version == 6
+    needs_home = not ipv6 and not _in_network(
+        snapshot, flow, normalise_hostname(flow.hostname) if flow.hostname else None
+    )
     for location in entry.active_locations:
-        if ipv6:
-            if location.ipv6 is None:
-                continue
-        elif not view.is_up(connected.code, location.home_pop):
+        if ipv6 and location.ipv6 is None:
             continue
-        key = (view.rtt(connected.code, location.home_pop), stable_hash(flow.user, location.id))
+        reachable = view.is_up(connected.code, location.home_pop)
+        if needs_home and not reachable:
+            continue
+        key = (
+            not reachable,
+            view.rtt(connected.code, location.home_pop),
+            stable_hash(flow.user, location.id),
+        )
         if best is None or key < best_key:
             best, best_key = location, key
     return best
@@ -262,10 +297,7 @@ def _dedicated(
             logical_city=home.city,
             location=location.id,
         )
-    in_network = snapshot.origin_cidrs.longest(flow.address) is not None or (
-        hostname is not None and snapshot.origin_hosts.longest(hostname) is not None
-    )
-    if in_network:
+    if _in_network(snapshot, flow, hostname):
         return Decision(
             egress=Egress.DEDICATED,
             rule=rule,

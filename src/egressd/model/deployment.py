@@ -7,6 +7,7 @@ together, so one `egressd config check` run shows everything that needs fixing.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -66,11 +67,87 @@ class DeploymentError(ValidationError):
         return "\n".join(str(item) for item in self.located)
 
 
+TOP_KEYS = {"deployment", "data_centers", "accounts", "in_network_origins", "quarantine"}
+DATA_CENTER_KEYS = {
+    "code",
+    "city",
+    "country",
+    "region",
+    "latitude",
+    "longitude",
+    "shared_ipv4",
+    "shared_ipv6",
+    "backbone",
+    "slot",
+}
+ACCOUNT_KEYS = {
+    "id",
+    "name",
+    "plan",
+    "network",
+    "locations",
+    "users",
+    "devices",
+    "policies",
+    "private_routes",
+}
+NETWORK_KEYS = {"proxy_tcp", "proxy_udp", "fallback"}
+LOCATION_KEYS = {"id", "pop", "ipv4", "ipv6", "state"}
+USER_KEYS = {"name", "groups"}
+DEVICE_KEYS = {"id", "user", "secret_sha256"}
+POLICY_KEYS = {
+    "id",
+    "name",
+    "users",
+    "groups",
+    "devices",
+    "destinations",
+    "ports",
+    "protocols",
+    "connected_pops",
+    "action",
+    "primary",
+    "secondary",
+    "ipv6",
+}
+ROUTE_KEYS = {"id", "kind", "via", "destinations"}
+
+
 class _Reader:
     """Reads typed values out of the parsed TOML, recording an issue instead of raising."""
 
     def __init__(self) -> None:
         self.issues: list[ValidationIssue] = []
+
+    def known_keys(self, table: dict[str, Any], where: str, allowed: set[str]) -> None:
+        """An unknown key is an error: a misspelt selector would otherwise match everything."""
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                path = f"{where}.{key}" if where else key
+                self.issues.append(ValidationIssue(path, f"unknown key {key!r}{hint}"))
+
+    def table(self, parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            path = f"{where}.{key}" if where else key
+            self.issues.append(
+                ValidationIssue(path, f"expected a table ([{key}]), got {type(value).__name__}")
+            )
+            return {}
+        return value
+
+    def networks_only(self, table: dict[str, Any], key: str, where: str) -> tuple[IPNetwork, ...]:
+        networks, hostnames = self.destinations(self.strings(table, key, where), f"{where}.{key}")
+        for name in hostnames:
+            self.issues.append(
+                ValidationIssue(
+                    f"{where}.{key}",
+                    f"{name!r}: only addresses and CIDRs are allowed here, not hostnames",
+                )
+            )
+        return networks
 
     def get(
         self, table: dict[str, Any], key: str, where: str, kind: type[T], default: T | None = None
@@ -92,6 +169,12 @@ class _Reader:
         return value
 
     def convert(self, value: Any, where: str, parse: Callable[[Any], T], what: str) -> T | None:
+        if not isinstance(value, str):
+            shown = "nothing" if value is None else f"{type(value).__name__} {value!r}"
+            self.issues.append(
+                ValidationIssue(where, f"expected a {what} as a string, got {shown}")
+            )
+            return None
         try:
             return parse(value)
         except (ValueError, TypeError) as exc:
@@ -171,19 +254,24 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise DeploymentError([ValidationIssue("(file)", f"not valid TOML: {exc}")], text) from exc
+        error = DeploymentError([ValidationIssue("(file)", f"not valid TOML: {exc}")], text)
+        line = re.search(r"at line (\d+)", str(exc))
+        if line:
+            error.located = (LocatedIssue(error.issues[0], int(line.group(1))),)
+        raise error from exc
     reader = _Reader()
+    reader.known_keys(raw, "", TOP_KEYS)
     dcs = [
         _data_center(reader, table, index)
         for index, table in enumerate(reader.tables(raw, "data_centers", ""))
     ]
-    accounts = [_account(reader, table) for table in reader.tables(raw, "accounts", "")]
-    routes = [
-        route for table in reader.tables(raw, "accounts", "") for route in _routes(reader, table)
-    ]
+    account_tables = reader.tables(raw, "accounts", "")
+    accounts = [_account(reader, table) for table in account_tables]
+    routes = [route for table in account_tables for route in _routes(reader, table)]
     origins = []
     for table in reader.tables(raw, "in_network_origins", ""):
         name = str(table.get("name", "?"))
+        reader.known_keys(table, f"in_network_origins[{name}]", {"name", "destinations"})
         nets, hosts = reader.destinations(
             reader.strings(table, "destinations", f"in_network_origins[{name}]"),
             f"in_network_origins[{name}].destinations",
@@ -192,6 +280,7 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
     quarantine = []
     for table in reader.tables(raw, "quarantine", ""):
         where = f"quarantine[{table.get('address', '?')}]"
+        reader.known_keys(table, where, {"address", "released_by", "until"})
         address = reader.convert(
             table.get("address"), f"{where}.address", _address_or_network, "address"
         )
@@ -204,17 +293,19 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
         released_by = reader.get(table, "released_by", where, str)
         if address is not None and until is not None and released_by is not None:
             quarantine.append(Quarantine(address=address, released_by=released_by, until=until))
-    settings_table = raw.get("deployment", {})
+    settings_table = reader.table(raw, "deployment", "")
+    reader.known_keys(
+        settings_table, "deployment", {"quarantine_days", "allow_destinations", "control_addresses"}
+    )
+    quarantine_days = reader.get(settings_table, "quarantine_days", "deployment", int, 30)
+    if quarantine_days is not None and quarantine_days < 0:
+        reader.issues.append(
+            ValidationIssue("deployment.quarantine_days", "must be 0 or more days", "R2")
+        )
     settings = DeploymentSettings(
-        quarantine_days=reader.get(settings_table, "quarantine_days", "deployment", int, 30) or 30,
-        allow_destinations=reader.destinations(
-            reader.strings(settings_table, "allow_destinations", "deployment"),
-            "deployment.allow_destinations",
-        )[0],
-        control_addresses=reader.destinations(
-            reader.strings(settings_table, "control_addresses", "deployment"),
-            "deployment.control_addresses",
-        )[0],
+        quarantine_days=30 if quarantine_days is None else quarantine_days,
+        allow_destinations=reader.networks_only(settings_table, "allow_destinations", "deployment"),
+        control_addresses=reader.networks_only(settings_table, "control_addresses", "deployment"),
     )
     if reader.issues:
         raise DeploymentError(reader.issues, text)
@@ -240,6 +331,7 @@ def _address_or_network(value: Any) -> Any:
 def _data_center(reader: _Reader, table: dict[str, Any], index: int) -> DataCenter | None:
     code = reader.get(table, "code", f"data_centers[{index}]", str)
     where = f"data_centers[{code or index}]"
+    reader.known_keys(table, where, DATA_CENTER_KEYS)
     city = reader.get(table, "city", where, str)
     country = reader.get(table, "country", where, str)
     lat = reader.get(table, "latitude", where, float)
@@ -285,8 +377,10 @@ def _data_center(reader: _Reader, table: dict[str, Any], index: int) -> DataCent
 def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
     account_id = reader.get(table, "id", "accounts[?]", str)
     where = f"accounts[{account_id}]"
+    reader.known_keys(table, where, ACCOUNT_KEYS)
     plan = reader.enum(table, "plan", where, Plan, Plan.FREE)
-    network = table.get("network", {})
+    network = reader.table(table, "network", where)
+    reader.known_keys(network, f"{where}.network", NETWORK_KEYS)
     settings = NetworkSettings(
         proxy_tcp=reader.get(network, "proxy_tcp", f"{where}.network", bool, True) is True,
         proxy_udp=reader.get(network, "proxy_udp", f"{where}.network", bool, False) is True,
@@ -296,6 +390,7 @@ def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
     for loc in reader.tables(table, "locations", f"{where}."):
         lid = reader.get(loc, "id", f"{where}.locations[?]", str)
         lwhere = f"{where}.locations[{lid}]"
+        reader.known_keys(loc, lwhere, LOCATION_KEYS)
         pop = reader.get(loc, "pop", lwhere, str)
         v4 = reader.convert(
             loc.get("ipv4"), f"{lwhere}.ipv4", ipaddress.IPv4Address, "IPv4 address"
@@ -308,17 +403,18 @@ def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
         state = reader.enum(loc, "state", lwhere, LocationState, LocationState.ACTIVE)
         if lid and pop and v4:
             locations.append(DedicatedLocation(id=lid, home_pop=pop, ipv4=v4, ipv6=v6, state=state))
-    users = [
-        User(
-            name=str(user.get("name", "")),
-            groups=frozenset(reader.strings(user, "groups", f"{where}.users[{user.get('name')}]")),
-        )
-        for user in reader.tables(table, "users", f"{where}.")
-    ]
+    users = []
+    for user_table in reader.tables(table, "users", f"{where}."):
+        name = reader.get(user_table, "name", f"{where}.users[?]", str)
+        reader.known_keys(user_table, f"{where}.users[{name}]", USER_KEYS)
+        groups = reader.strings(user_table, "groups", f"{where}.users[{name}]")
+        if name:
+            users.append(User(name=name, groups=frozenset(groups)))
     devices = []
     for dev in reader.tables(table, "devices", f"{where}."):
         did = reader.get(dev, "id", f"{where}.devices[?]", str)
         dwhere = f"{where}.devices[{did}]"
+        reader.known_keys(dev, dwhere, DEVICE_KEYS)
         user = reader.get(dev, "user", dwhere, str)
         digest = reader.get(dev, "secret_sha256", dwhere, str)
         if did and user and digest:
@@ -343,19 +439,23 @@ def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
 def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> EgressPolicy | None:
     pid = reader.get(table, "id", f"{account_where}.policies[?]", str)
     where = f"{account_where}.policies[{pid}]"
+    reader.known_keys(table, where, POLICY_KEYS)
     networks, hostnames = reader.destinations(
         reader.strings(table, "destinations", where), f"{where}.destinations"
     )
     ports_raw = table.get("ports", [])
+    if not isinstance(ports_raw, list):
+        reader.issues.append(
+            ValidationIssue(f"{where}.ports", 'expected a list, e.g. ports = ["443", "8000-8080"]')
+        )
+        ports_raw = []
     selector = Selector(
         users=frozenset(reader.strings(table, "users", where)),
         groups=frozenset(reader.strings(table, "groups", where)),
         devices=frozenset(reader.strings(table, "devices", where)),
         networks=networks,
         hostnames=hostnames,
-        ports=parse_ports(
-            ports_raw if isinstance(ports_raw, list) else [], reader, f"{where}.ports"
-        ),
+        ports=parse_ports(ports_raw, reader, f"{where}.ports"),
         protocols=frozenset(reader.strings(table, "protocols", where)),
         connected_pops=frozenset(reader.strings(table, "connected_pops", where)),
     )
@@ -386,6 +486,7 @@ def _routes(reader: _Reader, table: dict[str, Any]) -> list[PrivateRoute]:
     for route in reader.tables(table, "private_routes", f"accounts[{account_id}]."):
         rid = reader.get(route, "id", f"accounts[{account_id}].private_routes[?]", str)
         where = f"accounts[{account_id}].private_routes[{rid}]"
+        reader.known_keys(route, where, ROUTE_KEYS)
         kind = reader.enum(route, "kind", where, RouteKind, RouteKind.TUNNEL)
         via = reader.get(route, "via", where, str)
         nets, hosts = reader.destinations(
@@ -416,16 +517,18 @@ def locate(text: str, path: str) -> int | None:
         if key is not None:
             header = re.compile(rf"^\s*\[\[\s*([\w.]+\.)?{re.escape(name)}\s*\]\]")
             ident = re.compile(rf"^\s*(id|code|name|address)\s*=\s*\"{re.escape(key)}\"")
+            matched = False
             for number in range(line, len(lines)):
-                if header.match(lines[number]):
-                    for inner in range(number + 1, min(len(lines), number + 40)):
-                        if ident.match(lines[inner]):
-                            line, found = inner, inner + 1
-                            break
-                        if lines[inner].lstrip().startswith("["):
-                            break
-                    if found == line + 1 and ident.match(lines[line]):
+                if not header.match(lines[number]):
+                    continue
+                for inner in range(number + 1, min(len(lines), number + 40)):
+                    if ident.match(lines[inner]):
+                        line, found, matched = inner, inner + 1, True
                         break
+                    if lines[inner].lstrip().startswith("["):
+                        break
+                if matched:
+                    break
         else:
             assign = re.compile(rf"^\s*{re.escape(name)}\s*=")
             for number in range(line, len(lines)):

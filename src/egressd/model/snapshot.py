@@ -27,17 +27,19 @@ IPV6_SUBRANGE_BITS = 16
 MAX_LOCATION_IPV6_PREFIXLEN = 128 - 16 - IPV6_SUBRANGE_BITS
 
 # Destinations a PoP refuses unless the deployment allows them explicitly (R13, no SSRF).
+# `allow_destinations` can re-allow these (a lab's echo on loopback); never the PoPs' own
+# addresses, the dedicated addresses or the control plane.
 ALWAYS_FORBIDDEN: tuple[tuple[str, str], ...] = (
-    ("0.0.0.0/8", "unspecified"),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local"),
-    ("224.0.0.0/4", "multicast"),
-    ("255.255.255.255/32", "broadcast"),
-    ("::/128", "unspecified"),
-    ("::1/128", "loopback"),
-    ("fe80::/10", "link-local"),
-    ("ff00::/8", "multicast"),
-    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("0.0.0.0/8", "an unspecified address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("255.255.255.255/32", "the broadcast address"),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "the loopback address"),
+    ("fe80::/10", "a link-local address"),
+    ("ff00::/8", "a multicast address"),
+    ("::ffff:0:0/96", "an IPv4-mapped address"),
 )
 
 
@@ -86,7 +88,8 @@ class Snapshot:
     ipv4_owner: Mapping[ipaddress.IPv4Address, str]
     ipv6_owner: CidrTable[str]
     shared_addresses: frozenset[IPAddress]
-    forbidden: CidrTable[str]
+    forbidden: CidrTable[str]  # special-purpose ranges; `allowed` can lift these
+    infrastructure: CidrTable[str]  # the gateway's own addresses; never lifted
     allowed: CidrTable[bool]
     origin_cidrs: CidrTable[InNetworkOrigin]
     origin_hosts: HostTable[InNetworkOrigin]
@@ -132,7 +135,11 @@ def build_snapshot(
     ipv4_owner: dict[ipaddress.IPv4Address, str] = {}
     ipv6_owner: CidrTable[str] = CidrTable()
     ipv6_claims: list[tuple[ipaddress.IPv6Network, str, str]] = [
-        (dc.shared_ipv6, f"the shared range of PoP {dc.code}", "")
+        (
+            dc.shared_ipv6,
+            f"the shared range of PoP {dc.code}",
+            f"data_centers[{dc.code}].shared_ipv6",
+        )
         for dc in dcs.values()
         if dc.shared_ipv6 is not None
     ]
@@ -198,17 +205,24 @@ def build_snapshot(
     forbidden: CidrTable[str] = CidrTable()
     for cidr, reason in ALWAYS_FORBIDDEN:
         forbidden.add(ipaddress.ip_network(cidr), reason)
+    infrastructure: CidrTable[str] = CidrTable()
     for dc in dcs.values():
         if dc.backbone_address is not None:
-            forbidden.add(
-                ipaddress.ip_network(dc.backbone_address), f"backbone address of PoP {dc.code}"
+            infrastructure.add(
+                ipaddress.ip_network(dc.backbone_address), f"the backbone address of PoP {dc.code}"
             )
         for address in dc.shared_ipv4:
-            forbidden.add(ipaddress.ip_network(address), f"shared address of PoP {dc.code}")
+            infrastructure.add(ipaddress.ip_network(address), f"a shared address of PoP {dc.code}")
+        if dc.shared_ipv6 is not None:
+            infrastructure.add(dc.shared_ipv6, f"in the shared IPv6 range of PoP {dc.code}")
     for address, owner in ipv4_owner.items():
-        forbidden.add(ipaddress.ip_network(address), f"egress address of account {owner}")
+        infrastructure.add(
+            ipaddress.ip_network(address), f"a dedicated egress address of account {owner}"
+        )
+    for prefix, owner, _path in ipv6_claims:
+        infrastructure.add(prefix, f"in a dedicated or shared egress range ({owner})")
     for network in settings.control_addresses:
-        forbidden.add(network, "control plane")
+        infrastructure.add(network, "a control-plane address")
     allowed: CidrTable[bool] = CidrTable()
     for network in settings.allow_destinations:
         allowed.add(network, True)
@@ -239,6 +253,7 @@ def build_snapshot(
         ipv6_owner=ipv6_owner,
         shared_addresses=frozenset(shared),
         forbidden=forbidden,
+        infrastructure=infrastructure,
         allowed=allowed,
         origin_cidrs=origin_cidrs,
         origin_hosts=origin_hosts,
@@ -253,11 +268,17 @@ def _check_ipv6_overlaps(
     ordered = sorted(claims, key=lambda claim: (int(claim[0].network_address), claim[0].prefixlen))
     widest: tuple[ipaddress.IPv6Network, str, str] | None = None
     for claim in ordered:
-        prefix, _owner, where = claim
+        prefix = claim[0]
         if widest is not None and int(prefix.network_address) <= int(widest[0].broadcast_address):
-            path = where or widest[2]
-            other = widest if where else claim
-            issues.append(ValidationIssue(path, f"{prefix} overlaps {other[0]} of {other[1]}", "R2"))
+            # Report on a location when one is involved: that is what an operator edits.
+            here, other = (
+                (claim, widest)
+                if claim[2].startswith("accounts") or not widest[2].startswith("accounts")
+                else (widest, claim)
+            )
+            issues.append(
+                ValidationIssue(here[2], f"{here[0]} overlaps {other[0]} of {other[1]}", "R2")
+            )
             if int(prefix.broadcast_address) <= int(widest[0].broadcast_address):
                 continue
         widest = claim
@@ -377,6 +398,14 @@ def _check_account(
             issues.append(
                 ValidationIssue(f"{pwhere}.connected_pops", f"unknown data center {name!r}")
             )
+        if "dns" in selector.protocols:
+            issues.append(
+                ValidationIssue(
+                    f"{pwhere}.protocols",
+                    "DNS queries resolved by the gateway always use shared addresses (R4); a policy cannot select them",
+                    "R4",
+                )
+            )
         for name in sorted(selector.protocols - PROTOCOLS):
             issues.append(
                 ValidationIssue(f"{pwhere}.protocols", f"unknown protocol {name!r} (tcp, udp, dns)")
@@ -391,6 +420,10 @@ def _check_account(
                 )
         if isinstance(policy.action, DedicatedAction):
             _check_dedicated_action(account, policy.action, pwhere, issues)
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(char in "0123456789abcdef" for char in text)
 
 
 def _check_dedicated_action(
