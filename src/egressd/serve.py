@@ -30,7 +30,7 @@ from egressd.pop.listeners import ListenerSpec
 from egressd.pop.metrics import PopMetrics
 from egressd.pop.resolver import Resolver
 from egressd.pop.runtime import InProcessBackbone, PopOptions, PopRuntime, StateHolder
-from egressd.pop.server import PopServer, server_tls_context
+from egressd.pop.server import PopServer, drain_all, server_tls_context
 
 FIBRE_KM_PER_MS = 200.0  # light in fibre, one way
 ROUTE_STRETCH = 1.5  # fibre paths are longer than great circles
@@ -132,12 +132,12 @@ class ServeStack:
             await self.close()
             raise
         self.info = self._describe(snapshot, device_secrets, str(ca.cert_path))
-        _write_private(state / "serve.json", json.dumps(self.info, indent=2))
         for account_id, device in DEVICES.items():
             # curl reads the credentials from here, so the guide never prints a secret.
             _write_private(state / f"{account_id}.curlrc",
                            f'proxy-user = "{device}:{device_secrets[account_id]}"\n')
             self.info["accounts"][account_id]["curlrc"] = str(state / f"{account_id}.curlrc")
+        _write_private(state / "serve.json", json.dumps(self.info, indent=2))
         return self.info
 
     def _describe(self, snapshot: Snapshot, device_secrets: dict[str, str], ca_cert: str) -> dict[str, Any]:
@@ -179,8 +179,7 @@ class ServeStack:
         }
 
     async def drain(self, grace_seconds: float) -> None:
-        for server in self.pops.values():
-            await server.drain(grace_seconds)
+        await drain_all(list(self.pops.values()), grace_seconds)
         await self.close()
 
     async def close(self) -> None:

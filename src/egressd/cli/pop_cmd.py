@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from egressd.cli.runner import run, setup_logging, wait_for_signals
+from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
 
 if TYPE_CHECKING:
     from egressd.pop.flowlog import FlowLog
@@ -81,6 +81,8 @@ def pop(
         if not sep or not name:
             raise typer.BadParameter(f"expected NAME=IP, got {item!r}", param_hint="--host")
 
+    hold_signals()
+
     def child() -> None:
         run(lambda: _serve_pop(deployment, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, grace, workers > 1))
@@ -117,6 +119,11 @@ def _run_workers(count: int, child: object) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    from egressd.cli.runner import _early
+
+    for signum in _early:  # arrived while forking
+        forward(signum, None)
+    _early.clear()
     worst = 0
     for pid in pids:
         while True:
@@ -125,7 +132,11 @@ def _run_workers(count: int, child: object) -> None:
                 break
             except InterruptedError:
                 continue
-        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # killed by a signal: report it the way shells do
+            log.error("worker %d was killed by signal %d", pid, -code)
+            code = 128 - code
+        worst = max(worst, code)
     sys.exit(worst)
 
 
@@ -167,7 +178,7 @@ async def _serve_pop(
         state.replace(fresh)
         log.info("reloaded %s: snapshot %d", deployment, fresh.version)
 
-    reason = await wait_for_signals(on_reload=reload)
+    reason = await SignalWaiter(on_reload=reload).wait()
     log.info("%s: draining for up to %g s", reason, grace)
     await server.drain(grace)
     flowlog.close()

@@ -29,28 +29,56 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     uvloop.run(main())
 
 
-async def wait_for_signals(on_reload: Callable[[], Awaitable[None] | None] | None = None) -> str:
-    """Wait for SIGINT/SIGTERM (returned as the stop reason); SIGHUP calls `on_reload`."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    reason = {"signal": ""}
+_early: list[int] = []
 
-    def request_stop(name: str) -> None:
-        reason["signal"] = name
-        stop.set()
 
-    def request_reload() -> None:
-        if on_reload is not None:
-            result = on_reload()
+def _remember(signum: int, _frame: object) -> None:
+    _early.append(signum)
+
+
+def hold_signals() -> None:
+    """Until the event loop takes over, remember SIGINT/SIGTERM/SIGHUP instead of dying
+    of them: a signal sent right after start-up (or forwarded to a new worker) is honoured
+    once the service is ready, not lost and not fatal."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _remember)
+
+
+class SignalWaiter:
+    """Loop signal handlers, installed before the service says it is ready.
+
+    SIGINT/SIGTERM end `wait()` (returning the signal's name); SIGHUP calls `on_reload`.
+    """
+
+    def __init__(self, on_reload: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._reason = ""
+        self._on_reload = on_reload
+        self._loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
+        self._loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
+        self._loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        for signum in _early:
+            if signum == signal.SIGHUP:
+                self._request_reload()
+            else:
+                self._request_stop(signal.Signals(signum).name)
+        _early.clear()
+
+    def _request_stop(self, name: str) -> None:
+        self._reason = self._reason or name
+        self._stop.set()
+
+    def _request_reload(self) -> None:
+        if self._on_reload is not None:
+            result = self._on_reload()
             if result is not None:
                 asyncio.ensure_future(result)  # noqa: RUF006 - reload logs its own outcome
 
-    loop.add_signal_handler(signal.SIGINT, request_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGTERM, request_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGHUP, request_reload)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    return reason["signal"]
+    async def wait(self) -> str:
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._loop.remove_signal_handler(sig)
+        return self._reason

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from egressd.cli.runner import run, setup_logging, wait_for_signals
+from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +30,7 @@ def serve(
     from egressd.serve import ServeSettings, ServeStack, try_it
 
     setup_logging(log_level)
+    hold_signals()
     console = Console(soft_wrap=True, highlight=False)
 
     async def main() -> None:
@@ -39,6 +40,7 @@ def serve(
         except OSError as exc:
             console.print(f"[red]egressd serve: cannot start: {exc}[/red] (is another 'egressd serve' running? try --port-base)")
             raise typer.Exit(1) from exc
+        signals = SignalWaiter()  # before the ready line: a SIGTERM right after it is handled
         if json_only:
             print(json.dumps(info), flush=True)
         else:
@@ -47,7 +49,7 @@ def serve(
             for line in try_it(info):
                 console.print(f"[dim]{line}[/dim]" if line.startswith("#") else line, markup=not line.startswith("curl"))
             console.print("\nCtrl-C stops it.")
-        reason = await wait_for_signals()
+        reason = await signals.wait()
         if not json_only:
             console.print(f"{reason}: draining (up to {grace:g} s)...")
         await stack.drain(grace)

@@ -40,6 +40,7 @@ ALWAYS_FORBIDDEN: tuple[tuple[str, str], ...] = (
     ("fe80::/10", "a link-local address"),
     ("ff00::/8", "a multicast address"),
     ("::ffff:0:0/96", "an IPv4-mapped address"),
+    ("::/96", "an IPv4-compatible address"),
 )
 
 

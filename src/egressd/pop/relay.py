@@ -249,7 +249,10 @@ class SpliceRelay:
 
 
 class BufferedRelay:
-    """Copies between two asyncio streams (used when one side is TLS). Returns when done."""
+    """Copies between two asyncio streams (used when one side is TLS). Returns when done.
+
+    The idle clock is shared: the tunnel is idle only when neither direction moved a byte.
+    """
 
     def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
@@ -257,6 +260,8 @@ class BufferedRelay:
         self.bytes_down = 0
         self.closed_by = "client"
         self.error: str | None = None
+        self.first_eof: str | None = None  # the side that closed first, like the splice relay
+        self.last_activity = time.monotonic()
 
     async def run(
         self,
@@ -264,28 +269,44 @@ class BufferedRelay:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ) -> RelayResult:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._copy(client[0], upstream[1], up=True))
-            group.create_task(self._copy(upstream[0], client[1], up=False))
-        return RelayResult(self.bytes_up, self.bytes_down, self.closed_by, self.error)
+            group.create_task(self._copy(client[0], upstream[1], up=True, other=client[1]))
+            group.create_task(self._copy(upstream[0], client[1], up=False, other=upstream[1]))
+        return RelayResult(self.bytes_up, self.bytes_down, self.first_eof or self.closed_by, self.error)
 
-    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool) -> None:
+    async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The next bytes, b"" at EOF, or None once the whole tunnel has been idle too long."""
+        while True:
+            remaining = self.last_activity + self.idle_timeout - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                async with asyncio.timeout(remaining):
+                    return await reader.read(1 << 16)
+            except TimeoutError:
+                continue  # the other direction may have been active meanwhile
+
+    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool,
+                    other: asyncio.StreamWriter) -> None:
         try:
             while True:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(1 << 16)
+                data = await self._read(reader)
+                if data is None:
+                    self.closed_by, self.error = "idle-timeout", None
+                    writer.close()
+                    other.close()
+                    return
                 if not data:
+                    self.first_eof = self.first_eof or ("client" if up else "upstream")
                     if writer.can_write_eof():
                         writer.write_eof()
                     break
+                self.last_activity = time.monotonic()
                 if up:
                     self.bytes_up += len(data)
                 else:
                     self.bytes_down += len(data)
                 writer.write(data)
                 await writer.drain()
-        except TimeoutError:
-            self.closed_by, self.error = "idle-timeout", None
-            writer.close()
         except (ConnectionError, OSError) as exc:
             self.closed_by = "client" if up else "upstream"
             self.error = str(exc) or type(exc).__name__

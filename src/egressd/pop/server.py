@@ -55,18 +55,18 @@ class PopServer:
     def listener(self, *, tls: bool) -> Listener:
         return next(listener for listener in self.listeners if listener.spec.tls == tls)
 
-    async def drain(self, grace_seconds: float) -> None:
-        """Stop accepting; let flows in progress finish for up to `grace_seconds`."""
+    def stop_accepting(self) -> None:
         self.runtime.draining = True
         for listener in self.listeners:
             listener.stop_accepting()
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline:
-            busy = len(self.runtime.relays) + sum(len(listener.tasks) for listener in self.listeners)
-            if not busy:
-                break
-            await asyncio.sleep(0.1)
-        await self.close()
+
+    def busy(self) -> int:
+        """Flows still in progress: tunnels, and connections still in their handshake."""
+        return len(self.runtime.relays) + sum(len(listener.tasks) for listener in self.listeners)
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop accepting; let flows in progress finish for up to `grace_seconds`."""
+        await drain_all([self], grace_seconds)
 
     async def close(self) -> None:
         for listener in self.listeners:
@@ -78,3 +78,14 @@ class PopServer:
                 await self._sweeper
             self._sweeper = None
         self.runtime.pipes.close()
+
+
+async def drain_all(servers: Sequence[PopServer], grace_seconds: float) -> None:
+    """Stop every server accepting at once, wait (one grace for all) and close them."""
+    for server in servers:
+        server.stop_accepting()
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(server.busy() for server in servers):  # noqa: ASYNC110 - a computed condition, polled
+        await asyncio.sleep(0.1)
+    for server in servers:
+        await server.close()
