@@ -669,3 +669,12 @@ def test_cli_check_missing_file_exits_2(tmp_path: Path) -> None:
     result = run_check(str(tmp_path / "absent.toml"))
     assert result.returncode == 2
     assert "absent.toml" in result.stderr
+
+
+def test_type_errors_and_rule_errors_are_reported_in_one_run() -> None:
+    text = mutate("proxy_tcp = true", "proxy_tcp = false")
+    text = mutate('destinations = ["*.updates.example"]', 'destination = ["*.updates.example"]', text)
+    error = errors_of(text)
+    paths = {item.issue.path for item in error.located}
+    assert "accounts[acme].network.proxy_udp" in paths  # R3, a rule error
+    assert "accounts[acme].policies[updates-shared].destination" in paths  # unknown key

@@ -36,7 +36,7 @@ def check(
         snapshot = load_deployment(text)
     except DeploymentError as exc:
         err.print(f"[red]{file}: {len(exc.located)} error(s)[/red]")
-        for item in exc.located:
+        for item in sorted(exc.located, key=lambda item: (item.line is None, item.line or 0)):
             where = f"{file}:{item.line}: " if item.line else f"{file}: "
             err.print(f"{where}{item.issue}", markup=False, highlight=False)
         raise typer.Exit(1) from exc

@@ -307,10 +307,8 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
         allow_destinations=reader.networks_only(settings_table, "allow_destinations", "deployment"),
         control_addresses=reader.networks_only(settings_table, "control_addresses", "deployment"),
     )
-    if reader.issues:
-        raise DeploymentError(reader.issues, text)
     try:
-        return build_snapshot(
+        snapshot = build_snapshot(
             version=version,
             data_centers=[dc for dc in dcs if dc is not None],
             accounts=[account for account in accounts if account is not None],
@@ -321,7 +319,15 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
             now=now or datetime.now(UTC),
         )
     except ValidationError as exc:
-        raise DeploymentError(list(exc.issues), text) from exc
+        # Rule errors too, in the same run; skip those under a field that already failed to
+        # parse (they would only repeat it).
+        failed = [issue.path for issue in reader.issues]
+        extra = [issue for issue in exc.issues
+                 if not any(issue.path.startswith(path) for path in failed)]
+        raise DeploymentError(reader.issues + extra, text) from exc
+    if reader.issues:
+        raise DeploymentError(reader.issues, text)
+    return snapshot
 
 
 def _address_or_network(value: Any) -> Any:
