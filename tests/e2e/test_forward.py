@@ -33,10 +33,6 @@ from .helpers import (
 ORIGIN_HOST = "127.0.9.2"  # inside serve.toml's allowed 127.0.9.0/24, not the echo
 BIG = bytes(range(256)) * 1171 + b"x" * 224  # 300,000 bytes
 
-PENDING_FORWARD_PATH = pytest.mark.xfail(strict=False, reason=(
-    "the coroutine forwarding path sends the response head before checking the first body "
-    "bytes; the callback-based forward path (pop/http_forward.py, next change) fixes it"))
-
 
 class Origin:
     """A scripted HTTP/1.1 origin: records every request head (and body) it gets."""
@@ -205,12 +201,8 @@ def via_listener(info: dict[str, Any], listener: str) -> list[str]:
 
 
 @pytest.mark.parametrize("listener", [
-    pytest.param("plain", marks=PENDING_FORWARD_PATH),
-    pytest.param("tls", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: pop/http_proxy.py _forward (the TLS listener's forwarding path): when the upstream "
-        "closes mid-body, the `except HttpError` branch writes a whole '502 Bad Gateway' response "
-        "after the 200 head and the partial body went out; with Content-Length the client takes "
-        "those bytes as the rest of the body: curl exits 0 with 50 real bytes + 'HTTP/1.1 502 ...'"))),
+    "plain",
+    "tls",
 ])
 async def test_upstream_closing_mid_body_is_never_completed_with_foreign_bytes(
     serve: dict[str, Any], listener: str,
@@ -232,7 +224,6 @@ async def test_malformed_upstream_head_is_502(serve: dict[str, Any], listener: s
     assert result.statuses == [502] and b"without a colon" in result.body
 
 
-@PENDING_FORWARD_PATH
 async def test_malformed_upstream_body_in_the_head_segment_is_502(serve: dict[str, Any]) -> None:
     """No byte of the response went out yet, so the client gets a clean 502 (not an empty
     reply): the framing of body bytes that arrive with the head is checked first."""
@@ -248,7 +239,8 @@ async def test_malformed_upstream_body_is_an_error_for_the_client_of_the_tls_lis
     async with tcp_server(ORIGIN_HOST, broken_origin) as address:
         result = await curl("-K", serve["accounts"]["acme"]["curlrc"], *via_listener(serve, "tls"),
                             f"http://{address[0]}:{address[1]}/bad-chunk")
-    assert result.returncode != 0  # never a clean transfer
+    # The body bytes that came with the head are checked before the head is sent: a 502.
+    assert result.statuses == [502], result
     flow = await wait_flow(serve["flow_log"], lambda flow: flow["outcome"] != "ok")
     assert flow["outcome"] == "protocol-error"
 

@@ -58,10 +58,6 @@ def echo_url(info: dict[str, Any]) -> str:
 # --- HTTP ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: pop/http_proxy.py serve_http/_read_head: the bytes of the listener's first recv are "
-    "fed to the reader outside _read_head, whose `received` flag stays False, so a request head "
-    "cut short in the first segment is closed silently instead of answered 400"))
 async def test_truncated_request_head_then_close_is_400(serve: dict[str, Any]) -> None:
     async with no_leaks():
         head = f"GET {echo_url(serve)} HTTP/1.1\r\nHost: 127.0.9.1\r\n".encode()

@@ -442,12 +442,16 @@ def test_r6_picks_a_location_with_the_minimum_rtt(scenario: Scenario) -> None:
         account = account_of(world, flow.account)
         assert account is not None and really_active(world, account)
         ipv6 = flow.address.version == 6
-        usable = [
-            loc
-            for loc in account.locations
-            if loc.state is LocationState.ACTIVE
-            and (loc.ipv6 is not None if ipv6 else health.is_up(flow.connected_pop, loc.home_pop))
-        ]
+        active = [loc for loc in account.locations if loc.state is LocationState.ACTIVE]
+        if ipv6:
+            # IPv6 leaves locally; it prefers locations IPv4 could use, so both keep one city.
+            with_range = [loc for loc in active if loc.ipv6 is not None]
+            reachable = [loc for loc in with_range if health.is_up(flow.connected_pop, loc.home_pop)]
+            usable = reachable or with_range
+        elif decision.path is Path.IN_NETWORK:
+            usable = active  # R8 leaves from the connected PoP: the home PoP's health is moot
+        else:
+            usable = [loc for loc in active if health.is_up(flow.connected_pop, loc.home_pop)]
         chosen = next(loc for loc in usable if loc.id == decision.location)
         best = min(health.rtt(flow.connected_pop, loc.home_pop) for loc in usable)
         assert health.rtt(flow.connected_pop, chosen.home_pop) == best

@@ -72,11 +72,19 @@ class FlowRecord:
 class FlowLog:
     """Writes flow records as JSON lines to a file (or stderr), flushed per line."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, *, enabled: bool = True) -> None:
         self._stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
         self.written = 0
 
+    @classmethod
+    def disabled(cls) -> FlowLog:
+        """`--flow-log off`: no encoding, no write."""
+        return cls(enabled=False)
+
     def write(self, record: FlowRecord) -> None:
+        if not self.enabled:
+            return
         self._stream.write(json.dumps(record.as_json(), separators=(",", ":")) + "\n")
         self._stream.flush()
         self.written += 1

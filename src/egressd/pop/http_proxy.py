@@ -4,6 +4,13 @@ Parsing is `egressd.protocols.http1` (sans-I/O); this module only moves bytes be
 the device, the decision and the upstream, and answers with a precise status when a
 step fails: 400/414/431 malformed request, 407 missing or wrong credentials (R13),
 403 refused by the decision (with the rule), 502/504 upstream failures.
+
+On a plain connection, the first absolute-form request hands the socket to
+`http_forward.ForwardProxyProtocol`, which forwards that request and the ones after it
+with transport callbacks (the hot path). A CONNECT or a request for the PoP itself that
+comes later on that connection is handed back here, on a duplicate of the socket, and
+served by the same code as a first request (a CONNECT is spliced). The TLS listener keeps
+the coroutine path for everything (`_forward`): its connections are few and long-lived.
 """
 
 from __future__ import annotations
@@ -16,8 +23,16 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from egressd.pop.client_io import ClientIO
+from egressd.pop.client_io import ClientIO, SocketIO
 from egressd.pop.flowlog import FlowRecord
+from egressd.pop.http_forward import (
+    Detached,
+    ForwardProxyProtocol,
+    failure_response,
+    log_auth_failure,
+    protocol_error_response,
+    start_record,
+)
 from egressd.pop.identity import Identity, authenticate
 from egressd.pop.relay import RelayResult
 from egressd.pop.runtime import FlowRefused, PopRuntime
@@ -48,25 +63,59 @@ class _KeptUpstream:
     record_source: str | None
 
 
-async def serve_http(runtime: PopRuntime, io: ClientIO, initial: bytes) -> bool:
-    """Serve one client connection. Returns True if the socket was handed to a relay."""
+async def serve_http(
+    runtime: PopRuntime, io: ClientIO, initial: bytes,
+    forward_connections: set[ForwardProxyProtocol] | None = None,
+) -> bool:
+    """Serve one client connection. Returns True if the socket was handed to a relay or
+    to the forwarding transport (which closes it). `forward_connections` is the
+    listener's set of live forwarding connections (for drain)."""
     reader = RequestHeadReader()
     if initial:
         reader.feed(initial)
+    served = await _serve(runtime, io, reader, None, forward_connections)
+    while isinstance(served, Detached):
+        # A CONNECT or a local request after forwarded ones: the forwarding transport
+        # gave the connection back on a duplicate socket, which is ours to close.
+        try:
+            resumed = SocketIO(served.sock)
+        except OSError:  # the client is already gone
+            served.sock.close()
+            return False
+        keep = False
+        try:
+            served = await _serve(runtime, resumed, served.reader, served.head, forward_connections)
+            keep = served is not False
+        finally:
+            if not keep:
+                resumed.close()
+    return served
+
+
+async def _serve(
+    runtime: PopRuntime, io: ClientIO, reader: RequestHeadReader, pending: RequestHead | None,
+    forward_connections: set[ForwardProxyProtocol] | None,
+) -> bool | Detached:
+    """The request loop; `pending` is a head already read. True: the socket went to a
+    relay or to the forwarding transport; a Detached: that transport gave it back."""
     kept: _KeptUpstream | None = None
     try:
         while True:
-            try:
-                async with asyncio.timeout(runtime.options.handshake_timeout):
-                    head = await _read_head(io, reader)
-            except TimeoutError:
-                await _try_send(io, simple_response(408, "Request Timeout", b"request header timeout\n"))
-                return False
-            except HttpError as error:
-                runtime.metrics.protocol_errors.labels(runtime.code, "http").inc()
-                log.info("bad request from %s:%s: %s", io.peer[0], io.peer[1], error.reason)
-                await _try_send(io, error_response(error))
-                return False
+            head: RequestHead | None = pending
+            if pending is not None:
+                pending = None
+            else:
+                try:
+                    async with asyncio.timeout(runtime.options.handshake_timeout):
+                        head = await _read_head(io, reader)
+                except TimeoutError:
+                    await _try_send(io, simple_response(408, "Request Timeout", b"request header timeout\n"))
+                    return False
+                except HttpError as error:
+                    runtime.metrics.protocol_errors.labels(runtime.code, "http").inc()
+                    log.info("bad request from %s:%s: %s", io.peer[0], io.peer[1], error.reason)
+                    await _try_send(io, error_response(error))
+                    return False
             if head is None:
                 return False
             if head.is_origin_form:
@@ -74,9 +123,14 @@ async def serve_http(runtime: PopRuntime, io: ClientIO, initial: bytes) -> bool:
                     return False
                 reader.remainder()
                 continue
+            if not head.is_connect and isinstance(io, SocketIO):
+                # The hot path: this request and the next ones go through the transport.
+                detached = await serve_forward(runtime, io.sock, io.peer, reader, head,
+                                               forward_connections)
+                return True if detached is None else detached
             identity = authenticate(runtime.state.snapshot, head.proxy_credentials)
             if identity is None:
-                _log_auth_failure(runtime, io, head)
+                log_auth_failure(runtime, io.peer, head)
                 keep = head.keep_alive and not head.body.has_body
                 await io.send(proxy_auth_required(close=not keep))
                 if not keep:
@@ -93,6 +147,46 @@ async def serve_http(runtime: PopRuntime, io: ClientIO, initial: bytes) -> bool:
             kept.sock.close()
 
 
+async def serve_forward(
+    runtime: PopRuntime,
+    sock: socket.socket,
+    peer: tuple[str, int],
+    reader: RequestHeadReader,
+    head: RequestHead,
+    connections: set[ForwardProxyProtocol] | None = None,
+) -> Detached | None:
+    """Serve a plain client connection from an absolute-form `head` on, until it closes
+    (None) or is handed back for a CONNECT or a local request (`Detached`). `sock` belongs
+    to the transport from this call on, whatever happens. `connections` (the listener's)
+    holds the connection while it lives, so that a drain can close it when idle."""
+    loop = asyncio.get_running_loop()
+    protocol = ForwardProxyProtocol(runtime, sock, peer, reader, head)
+    try:
+        await loop.connect_accepted_socket(lambda: protocol, sock=sock)
+    except BaseException as exc:
+        if protocol.transport is not None:
+            protocol.abort()
+        else:
+            sock.close()
+        if isinstance(exc, OSError):  # the client is already gone
+            return None
+        raise
+    if connections is not None:
+        connections.add(protocol)
+    try:
+        return await protocol.wait_closed()
+    except asyncio.CancelledError:
+        protocol.abort()
+        with contextlib.suppress(asyncio.CancelledError):
+            await protocol.wait_closed()
+        if protocol.detached is not None:
+            protocol.detached.sock.close()
+        raise
+    finally:
+        if connections is not None:
+            connections.discard(protocol)
+
+
 async def _read_head(io: ClientIO, reader: RequestHeadReader) -> RequestHead | None:
     received = False
     while True:
@@ -101,7 +195,7 @@ async def _read_head(io: ClientIO, reader: RequestHeadReader) -> RequestHead | N
             return head
         data = await io.recv()
         if not data:
-            if received:
+            if received or reader.buffered:
                 raise HttpError(400, "connection closed in the middle of a request head")
             return None
         received = True
@@ -113,42 +207,14 @@ async def _try_send(io: ClientIO, data: bytes) -> None:
         await io.send(data)
 
 
-def _log_auth_failure(runtime: PopRuntime, io: ClientIO, head: RequestHead) -> None:
-    runtime.metrics.auth_failures.labels(runtime.code, "http").inc()
-    record = runtime.new_record("tcp", io.peer)
-    record.destination, record.port = head.host, head.port
-    record.outcome = "auth-failed"
-    record.error = "missing proxy credentials" if head.proxy_credentials is None else (
-        f"wrong credentials for device {head.proxy_credentials[0]!r}")
-    runtime.finish(record)
-
-
-def _start_record(runtime: PopRuntime, io: ClientIO, identity: Identity) -> FlowRecord:
-    record = runtime.new_record("tcp", io.peer)
-    record.account, record.user, record.device = identity.account, identity.user, identity.device
-    return record
-
-
-def _failure_response(runtime: PopRuntime, record: FlowRecord, exc: Exception) -> bytes:
-    if isinstance(exc, FlowRefused):
-        record.outcome, record.error = "refused", exc.decision.reason
-        body = f"egressd: flow refused ({exc.decision.rule}): {exc.decision.reason}\n"
-        return simple_response(403, "Forbidden", body.encode(),
-                               headers=[("X-Egressd-Rule", exc.decision.rule)])
-    assert isinstance(exc, UpstreamError)
-    record.outcome, record.error = "upstream-error", exc.reason
-    reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
-    return simple_response(exc.status, reason, f"egressd: {exc.reason}\n".encode())
-
-
 async def _connect(runtime: PopRuntime, io: ClientIO, head: RequestHead, identity: Identity,
                    early_data: bytes) -> bool:
-    record = _start_record(runtime, io, identity)
+    record = start_record(runtime, io.peer, identity)
     record.destination = head.host
     try:
         upstream = await runtime.open_tcp(identity, head.host, head.port, record)
     except (FlowRefused, UpstreamError) as exc:
-        await _try_send(io, _failure_response(runtime, record, exc))
+        await _try_send(io, failure_response(record, exc))
         runtime.finish(record)
         return False
     try:
@@ -180,7 +246,7 @@ async def _forward(
 ) -> tuple[bool, _KeptUpstream | None]:
     """One absolute-form request and its response. Returns (keep client open, kept upstream)."""
     loop = asyncio.get_running_loop()
-    record = _start_record(runtime, io, identity)
+    record = start_record(runtime, io.peer, identity)
     record.destination = head.host
     key = (identity.account, identity.user, head.host, head.port, runtime.state.snapshot.version)
     if kept is not None and kept.key != key:
@@ -190,7 +256,7 @@ async def _forward(
         try:
             sock = await runtime.open_tcp(identity, head.host, head.port, record)
         except (FlowRefused, UpstreamError) as exc:
-            await _try_send(io, _failure_response(runtime, record, exc))
+            await _try_send(io, failure_response(record, exc))
             runtime.finish(record)
             return False, None
         kept = _KeptUpstream(key, sock, record.local_address)
@@ -203,6 +269,7 @@ async def _forward(
         record.decision = runtime.decide_for(identity, "tcp", addresses[0], head.port,
                                              None if str(addresses[0]) == head.host else head.host)
     upstream = kept.sock
+    head_sent = False
     try:
         await loop.sock_sendall(upstream, forward_head(head, runtime.options.via))
         leftover = await _copy_body(io.recv, lambda data: loop.sock_sendall(upstream, data),
@@ -219,23 +286,32 @@ async def _forward(
                 response_reader.feed(data)
                 continue
             close_client = not head.keep_alive or not response.keep_alive
-            await io.send(forward_response_head(response, runtime.options.via, close=close_client))
+            response_head = forward_response_head(response, runtime.options.via, close=close_client)
             if not response.is_interim:
                 break
+            await io.send(response_head)
+        # Check the body bytes that came with the head before sending the head: a broken
+        # body is then still a clean 502, not a 200 followed by garbage.
         tracker = BodyTracker(response.body, error_status=502)
-        await _copy_body(lambda: loop.sock_recv(upstream, 65536), io.send, tracker,
-                         response_reader.remainder(), record, up=False)
+        first = response_reader.remainder()
+        taken = tracker.feed(first)
+        head_sent = True
+        await io.send(response_head + first[:taken])
+        record.bytes_down += taken
+        if not tracker.done:
+            await _copy_body(lambda: loop.sock_recv(upstream, 65536), io.send, tracker,
+                             b"", record, up=False)
     except HttpError as error:
-        record.outcome, record.error = "protocol-error", error.reason
-        if error.status == 502:
-            await _try_send(io, simple_response(502, "Bad Gateway", f"egressd: {error.reason}\n".encode()))
-        else:
-            await _try_send(io, error_response(error))
+        response_bytes = protocol_error_response(record, error)
+        if not head_sent:  # mid-body, closing is the only honest signal left
+            await _try_send(io, response_bytes)
         runtime.finish(record)
         upstream.close()
         return False, None
     except UpstreamError as exc:
-        await _try_send(io, _failure_response(runtime, record, exc))
+        response_bytes = failure_response(record, exc)
+        if not head_sent:
+            await _try_send(io, response_bytes)
         runtime.finish(record)
         upstream.close()
         return False, None

@@ -3,7 +3,9 @@
 A plain listener accepts raw sockets itself (so tunnels can be spliced) and serves HTTP
 proxy and SOCKS5 on one port: a first byte of 0x05 is SOCKS5, anything else HTTP. A TLS
 listener ("HTTPS proxy") serves HTTP over asyncio streams. Every connection task belongs
-to its listener, which cancels and awaits them on close: nothing is left behind.
+to its listener, which cancels and awaits them on close: nothing is left behind. A plain
+connection that forwards absolute-form requests is driven by transport callbacks
+(`http_forward`); its task only waits for it to end, and a drain closes it once idle.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ssl
 from dataclasses import dataclass
 
 from egressd.pop.client_io import ClientIO, SocketIO, StreamIO
+from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.http_proxy import serve_http
 from egressd.pop.runtime import PopRuntime
 from egressd.pop.socks_proxy import serve_socks5
@@ -62,6 +65,7 @@ class Listener:
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.forward_connections: set[ForwardProxyProtocol] = set()
         self.address: tuple[str, int] = (spec.host, spec.port)
 
     async def start(self) -> None:
@@ -127,7 +131,7 @@ class Listener:
             if sniff and first[0] == SOCKS_VERSION:
                 handed_off = await serve_socks5(self.runtime, io, first)
             else:
-                handed_off = await serve_http(self.runtime, io, first)
+                handed_off = await serve_http(self.runtime, io, first, self.forward_connections)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must cost one connection, never the PoP
@@ -144,6 +148,8 @@ class Listener:
             self.sock = None
         if self.server is not None:
             self.server.close()
+        for connection in list(self.forward_connections):
+            connection.close_when_idle()
 
     async def close(self) -> None:
         self.stop_accepting()

@@ -93,8 +93,24 @@ class StateHolder:
 _flow_counter = itertools.count(1)
 
 
+_pid: tuple[int, str] = (0, "")
+
+
 def new_flow_id(pop: str) -> str:
-    return f"{pop}-{os.getpid():x}-{next(_flow_counter):x}"
+    """`<pop>-<pid>-<n>`, unique across workers. The pid is cached (getpid is a system call
+    per flow otherwise) and forgotten in a forked child."""
+    global _pid
+    if not _pid[1]:
+        _pid = (os.getpid(), f"{os.getpid():x}")
+    return f"{pop}-{_pid[1]}-{next(_flow_counter):x}"
+
+
+def _forget_pid() -> None:
+    global _pid
+    _pid = (0, "")
+
+
+os.register_at_fork(after_in_child=_forget_pid)
 
 
 class PopRuntime:

@@ -464,6 +464,11 @@ class HeadBuffer:
         if self._error is None:
             self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken (a partial head, or what follows a head)."""
+        return len(self._buf)
+
     def remainder(self) -> bytes:
         """Take the buffered bytes after the last head returned (body, tunnel or pipeline)."""
         data = bytes(self._buf)
