@@ -69,14 +69,19 @@ def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
             continue
         line: dict = {"test": test, "target": target, "figure": figure, "value": value,  # type: ignore[type-arg]
                       "source_ok": summary["targets"][target].get("all_ok")}
-        base = direct.get(test, {}).get("median")
-        if base and figure != "rss_per_tunnel_kib":
-            line["ratio_to_direct"] = round((value if figure != "lat_p50_ms" else base) /
-                                            (base if figure != "lat_p50_ms" else value), 3)
+        if figure == "lat_p50_ms":  # for latency the ratio is ours / theirs: lower is better
+            base = direct.get(test, {}).get("lat_p50_ms")
+            if base:
+                line["ratio_to_direct"] = round(value / base, 3)
+        elif figure != "rss_per_tunnel_kib":
+            base = direct.get(test, {}).get("median")
+            if base:
+                line["ratio_to_direct"] = round(value / base, 3)
         ratios = {}
         for peer in peers:
             theirs = figures(summary, peer).get(test, {})
             other = theirs.get("median") if figure != "lat_p50_ms" else theirs.get("lat_p50_ms")
+            # ratio_to_peer is ours / theirs for every figure (for latency and memory, lower is better)
             if other:
                 ratios[peer] = round(value / other, 3)
         line["ratio_to_peer"] = ratios

@@ -47,6 +47,7 @@ def pop(
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="Seconds to connect upstream."),
     handshake_timeout: float = typer.Option(10.0, "--handshake-timeout", help="Seconds a client has to finish its request."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", help="Seconds an idle tunnel is kept."),
+    max_lifetime: float = typer.Option(0.0, "--max-lifetime", help="Seconds a tunnel may live at most, busy or not; 0: no limit."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds flows may finish after SIGTERM."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
@@ -85,7 +86,8 @@ def pop(
 
     def child() -> None:
         run(lambda: _serve_pop(deployment, code, plain, tls, cert, key, flow_log, statics,
-                               connect_timeout, handshake_timeout, idle_timeout, grace, workers > 1))
+                               connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
+                               grace, workers > 1))
 
     if workers == 1:
         child()
@@ -144,8 +146,8 @@ async def _serve_pop(
     deployment: Path, code: str, plain: list[tuple[str, int]], tls: list[tuple[str, int]],
     cert: Path | None, key: Path | None, flow_log: str,
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
-    connect_timeout: float, handshake_timeout: float, idle_timeout: float, grace: float,
-    reuse_port: bool,
+    connect_timeout: float, handshake_timeout: float, idle_timeout: float,
+    max_lifetime: float | None, grace: float, reuse_port: bool,
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -159,7 +161,7 @@ async def _serve_pop(
     # Until the backbone lands, a standalone PoP reaches only itself (R11 applies to the rest).
     view = HealthView(up=frozenset({code}))
     options = PopOptions(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
-                         idle_timeout=idle_timeout)
+                         idle_timeout=idle_timeout, max_lifetime=max_lifetime)
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
     runtime = PopRuntime(code, state, NoBackbone(), Resolver(static=statics), options, flowlog, PopMetrics())

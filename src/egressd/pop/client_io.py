@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from egressd.pop.relay import BufferedRelay, PipePool, RelayRegistry, RelayResult, SpliceRelay
+
+if TYPE_CHECKING:
+    from egressd.pop.flowlog import FlowRecord
+    from egressd.pop.runtime import PopRuntime
 
 RECV_SIZE = 65536
 
@@ -118,3 +122,32 @@ class StreamIO:
             with contextlib.suppress(Exception):
                 await up_writer.wait_closed()
             on_close(result)
+
+
+async def start_tunnel(runtime: PopRuntime, io: ClientIO, upstream: socket.socket,
+                       record: FlowRecord, reply: bytes, early_data: bytes) -> bool:
+    """Answer the client (`reply`), forward bytes it sent early, and relay until the
+    tunnel ends; the flow is logged when it does. Returns True if the client socket now
+    belongs to a relay (plain sockets), False if it is the caller's to close."""
+    try:
+        await io.send(reply)
+        if early_data:
+            await asyncio.get_running_loop().sock_sendall(upstream, early_data)
+            record.bytes_up += len(early_data)
+    except (ConnectionError, OSError) as exc:
+        upstream.close()
+        record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
+        runtime.finish(record)
+        return False
+    active = runtime.metrics.active.labels(runtime.code, "tcp")
+    active.inc()
+
+    def on_close(result: RelayResult) -> None:
+        active.dec()
+        record.bytes_up += result.bytes_up
+        record.bytes_down += result.bytes_down
+        record.closed_by, record.error = result.closed_by, result.error
+        runtime.finish(record)
+
+    await io.tunnel(upstream, on_close, runtime.relays, runtime.pipes, runtime.options.idle_timeout)
+    return not io.is_tls

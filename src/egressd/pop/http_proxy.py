@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from egressd.pop.client_io import ClientIO, SocketIO
+from egressd.pop.client_io import ClientIO, SocketIO, start_tunnel
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_forward import (
     Detached,
@@ -34,7 +34,6 @@ from egressd.pop.http_forward import (
     start_record,
 )
 from egressd.pop.identity import Identity, authenticate
-from egressd.pop.relay import RelayResult
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
@@ -217,27 +216,7 @@ async def _connect(runtime: PopRuntime, io: ClientIO, head: RequestHead, identit
         await _try_send(io, failure_response(record, exc))
         runtime.finish(record)
         return False
-    try:
-        await io.send(connect_established())
-        if early_data:
-            await asyncio.get_running_loop().sock_sendall(upstream, early_data)
-            record.bytes_up += len(early_data)
-    except (ConnectionError, OSError) as exc:
-        upstream.close()
-        record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
-        runtime.finish(record)
-        return False
-    runtime.metrics.active.labels(runtime.code, "tcp").inc()
-
-    def on_close(result: RelayResult) -> None:
-        runtime.metrics.active.labels(runtime.code, "tcp").dec()
-        record.bytes_up += result.bytes_up
-        record.bytes_down += result.bytes_down
-        record.closed_by, record.error = result.closed_by, result.error
-        runtime.finish(record)
-
-    await io.tunnel(upstream, on_close, runtime.relays, runtime.pipes, runtime.options.idle_timeout)
-    return not io.is_tls
+    return await start_tunnel(runtime, io, upstream, record, connect_established(), early_data)
 
 
 async def _forward(

@@ -11,9 +11,8 @@ import asyncio
 import contextlib
 import logging
 
-from egressd.pop.client_io import ClientIO
+from egressd.pop.client_io import ClientIO, start_tunnel
 from egressd.pop.identity import Identity, authenticate
-from egressd.pop.relay import RelayResult
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.udp_relay import UdpAssociation
 from egressd.pop.upstream import UpstreamError
@@ -110,28 +109,8 @@ async def _connect(runtime: PopRuntime, io: ClientIO, server: Socks5Server, iden
         runtime.finish(record)
         return False
     bound_host, bound_port = upstream.getsockname()[:2]
-    try:
-        await io.send(server.reply(ReplyCode.SUCCEEDED, bound_host, bound_port))
-        early = server.remainder()
-        if early:
-            await asyncio.get_running_loop().sock_sendall(upstream, early)
-            record.bytes_up += len(early)
-    except (ConnectionError, OSError) as exc:
-        upstream.close()
-        record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
-        runtime.finish(record)
-        return False
-    runtime.metrics.active.labels(runtime.code, "tcp").inc()
-
-    def on_close(result: RelayResult) -> None:
-        runtime.metrics.active.labels(runtime.code, "tcp").dec()
-        record.bytes_up += result.bytes_up
-        record.bytes_down += result.bytes_down
-        record.closed_by, record.error = result.closed_by, result.error
-        runtime.finish(record)
-
-    await io.tunnel(upstream, on_close, runtime.relays, runtime.pipes, runtime.options.idle_timeout)
-    return not io.is_tls
+    reply = server.reply(ReplyCode.SUCCEEDED, bound_host, bound_port)
+    return await start_tunnel(runtime, io, upstream, record, reply, server.remainder())
 
 
 async def _udp_associate(runtime: PopRuntime, io: ClientIO, server: Socks5Server,
