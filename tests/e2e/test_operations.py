@@ -398,3 +398,21 @@ async def test_egressd_serve_sigterm_stops_every_pop_accepting_at_once(
     finally:
         await close_writer(writer)
     assert await child.wait(within=10.0) == 0
+
+
+async def test_pipelined_requests_after_a_local_request_and_a_407_are_all_answered(
+    serve: dict[str, Any],
+) -> None:
+    """Requests queued behind /health and behind a 407 are answered, not dropped."""
+    reader, writer = await open_tcp(pop_plain(serve))
+    try:
+        writer.write(
+            b"GET /health HTTP/1.1\r\nHost: pop\r\n\r\n"
+            b"GET http://127.0.9.1/ HTTP/1.1\r\nHost: 127.0.9.1\r\n\r\n"  # no credentials
+            b"GET /health HTTP/1.1\r\nHost: pop\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        statuses = [(await read_response(reader)).status for _ in range(3)]
+    finally:
+        await close_writer(writer)
+    assert statuses == [200, 407, 200]

@@ -118,10 +118,11 @@ async def _serve(
             if head is None:
                 return False
             if head.is_origin_form:
-                if not await _local_endpoint(runtime, io, head) or not head.keep_alive:
+                # A body after a local request is not read: close rather than parse it as a head.
+                if (not await _local_endpoint(runtime, io, head) or not head.keep_alive
+                        or head.body.has_body):
                     return False
-                reader.remainder()
-                continue
+                continue  # pipelined requests stay in the reader
             if not head.is_connect and isinstance(io, SocketIO):
                 # The hot path: this request and the next ones go through the transport.
                 detached = await serve_forward(runtime, io.sock, io.peer, reader, head,
@@ -134,8 +135,7 @@ async def _serve(
                 await io.send(proxy_auth_required(close=not keep))
                 if not keep:
                     return False
-                reader.remainder()
-                continue
+                continue  # pipelined requests stay in the reader
             if head.is_connect:
                 return await _connect(runtime, io, head, identity, reader.remainder())
             keep_going, kept = await _forward(runtime, io, head, identity, reader, kept)
