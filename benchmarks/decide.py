@@ -35,7 +35,7 @@ from egressd.model import (
     build_snapshot,
 )
 
-PROTOCOLS = ("tcp", "udp", "dns")
+POLICY_PROTOCOLS = ("tcp", "udp")  # "dns" never reaches policies (R4)
 
 
 def make_data_centers(count: int, rng: random.Random) -> list[DataCenter]:
@@ -75,7 +75,7 @@ def make_accounts(count: int, dcs: list[DataCenter], policies: int, rng: random.
                 networks=(ipaddress.IPv4Network((rng.getrandbits(16) << 16, 16)),) if kind == 2 else (),
                 hostnames=(f"*.site{p}.example",) if kind == 3 else (f"app{p}.example",) if kind == 4 else (),
                 ports=((rng.randint(1, 60000), rng.randint(60001, 65535)),) if kind == 5 else (),
-                protocols=frozenset({rng.choice(PROTOCOLS)}) if p % 7 == 0 else frozenset(),
+                protocols=frozenset({rng.choice(POLICY_PROTOCOLS)}) if p % 7 == 0 else frozenset(),
             )
             action: SharedAction | DedicatedAction = SharedAction()
             if enterprise and p % 2 == 0:

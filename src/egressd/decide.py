@@ -126,8 +126,8 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
     if hostname:
         hostname = normalise_hostname(hostname)
 
-    route = entry.route_cidrs.longest_int(version, address_int) if entry.route_cidrs else None
-    if route is None and hostname is not None:
+    route = entry.route_cidrs.longest_int(version, address_int) if entry.has_route_cidrs else None
+    if route is None and hostname is not None and entry.has_route_hosts:
         route = entry.route_hosts.longest(hostname)
     if route is not None:
         return _shared(
@@ -142,8 +142,7 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
     protocol = flow.protocol
     if protocol == _DNS:
         return _shared(connected, flow, "R4", reason="DNS resolved by the gateway")
-    settings = entry.account.settings
-    if not settings.proxy_tcp or (protocol == _UDP and not settings.proxy_udp):
+    if not entry.proxy_tcp or (protocol == _UDP and not entry.proxy_udp):
         return _shared(
             connected, flow, "R3", reason=f"{flow.protocol} is not proxied for this account"
         )
@@ -171,7 +170,7 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
         )
     location = _most_performant(snapshot, entry, connected, flow, view)
     if location is None:
-        if settings.fallback is Fallback.SHARED:
+        if entry.account.settings.fallback is Fallback.SHARED:
             return _shared(
                 connected, flow, "R11", reason="no dedicated location usable; fallback shared"
             )

@@ -74,6 +74,12 @@ class AccountIndex:
     groups_of: Mapping[str, frozenset[str]]
     route_cidrs: CidrTable[PrivateRoute]
     route_hosts: HostTable[PrivateRoute]
+    # Copies of hot fields, so a decision touches fewer objects (cache misses dominate
+    # with thousands of accounts; bools are shared singletons).
+    proxy_tcp: bool = True
+    proxy_udp: bool = False
+    has_route_cidrs: bool = False
+    has_route_hosts: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -527,6 +533,10 @@ def _index_account(
         groups_of=groups_of,
         route_cidrs=route_cidrs,
         route_hosts=route_hosts,
+        proxy_tcp=account.settings.proxy_tcp,
+        proxy_udp=account.settings.proxy_udp,
+        has_route_cidrs=bool(route_cidrs),
+        has_route_hosts=bool(route_hosts),
     )
 
 
