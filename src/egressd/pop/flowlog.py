@@ -7,6 +7,7 @@ byte counts) and written once, when the flow ends, by `FlowLog.write`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class FlowLog:
 
     @classmethod
     def to_path(cls, path: str) -> FlowLog:
-        return cls(open(path, "a", encoding="utf-8", buffering=1))
+        """Append to `path`, created readable by its owner only: it says who went where."""
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return cls(os.fdopen(descriptor, "a", encoding="utf-8", buffering=1))
 
     def close(self) -> None:
         if self._stream not in (sys.stderr, sys.stdout):
