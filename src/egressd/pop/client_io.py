@@ -139,7 +139,14 @@ async def start_tunnel(runtime: PopRuntime, io: ClientIO, upstream: socket.socke
         record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
         runtime.finish(record)
         return False
-    active = runtime.metrics.active.labels(runtime.code, "tcp")
+    await io.tunnel(upstream, tunnel_started(runtime, record), runtime.relays, runtime.pipes,
+                    runtime.options.idle_timeout)
+    return not io.is_tls
+
+
+def tunnel_started(runtime: PopRuntime, record: FlowRecord) -> Callable[[RelayResult], None]:
+    """Count the tunnel as active; the returned callback ends its flow when the relay does."""
+    active = runtime.active_tcp
     active.inc()
 
     def on_close(result: RelayResult) -> None:
@@ -149,5 +156,4 @@ async def start_tunnel(runtime: PopRuntime, io: ClientIO, upstream: socket.socke
         record.closed_by, record.error = result.closed_by, result.error
         runtime.finish(record)
 
-    await io.tunnel(upstream, on_close, runtime.relays, runtime.pipes, runtime.options.idle_timeout)
-    return not io.is_tls
+    return on_close

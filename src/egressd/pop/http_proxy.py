@@ -65,14 +65,17 @@ class _KeptUpstream:
 async def serve_http(
     runtime: PopRuntime, io: ClientIO, initial: bytes,
     forward_connections: set[ForwardProxyProtocol] | None = None,
+    *, reader: RequestHeadReader | None = None, head: RequestHead | None = None,
 ) -> bool:
     """Serve one client connection. Returns True if the socket was handed to a relay or
     to the forwarding transport (which closes it). `forward_connections` is the
-    listener's set of live forwarding connections (for drain)."""
-    reader = RequestHeadReader()
+    listener's set of live forwarding connections (for drain). A connection whose first
+    `head` was read elsewhere (the plain listener's handshake) passes it with its `reader`."""
+    if reader is None:
+        reader = RequestHeadReader()
     if initial:
         reader.feed(initial)
-    served = await _serve(runtime, io, reader, None, forward_connections)
+    served = await _serve(runtime, io, reader, head, forward_connections)
     while isinstance(served, Detached):
         # A CONNECT or a local request after forwarded ones: the forwarding transport
         # gave the connection back on a duplicate socket, which is ours to close.

@@ -1,7 +1,9 @@
 """Device-facing listeners: accept, sniff the protocol, hand to the HTTP or SOCKS5 handler.
 
 A plain listener accepts raw sockets itself (so tunnels can be spliced) and serves HTTP
-proxy and SOCKS5 on one port: a first byte of 0x05 is SOCKS5, anything else HTTP. A TLS
+proxy and SOCKS5 on one port: a first byte of 0x05 is SOCKS5, anything else HTTP. Its
+connections start as callbacks (`plain_handshake`: a CONNECT to an address literal needs
+no task at all) and go to the coroutine handlers below for anything else. A TLS
 listener ("HTTPS proxy") serves HTTP over asyncio streams. Every connection task belongs
 to its listener, which cancels and awaits them on close: nothing is left behind. A plain
 connection that forwards absolute-form requests is driven by transport callbacks
@@ -15,13 +17,17 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from egressd.pop.client_io import ClientIO, SocketIO, StreamIO
 from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.http_proxy import serve_http
+from egressd.pop.plain_handshake import PlainHandshake
 from egressd.pop.runtime import PopRuntime
 from egressd.pop.socks_proxy import serve_socks5
+from egressd.protocols.http1 import RequestHead, RequestHeadReader
 
 log = logging.getLogger("egressd.pop.listener")
 
@@ -53,6 +59,12 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def _close_if_cancelled(task: asyncio.Task[None], owned: tuple[socket.socket, ...]) -> None:
+    if task.cancelled():
+        for sock in owned:
+            sock.close()
+
+
 class Listener:
     def __init__(self, runtime: PopRuntime, spec: ListenerSpec, *,
                  tls_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
@@ -65,11 +77,13 @@ class Listener:
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.handshakes: set[PlainHandshake] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.forward_connections: set[ForwardProxyProtocol] = set()
         self.address: tuple[str, int] = (spec.host, spec.port)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         sock = _bind(self.spec.host, self.spec.port, self.reuse_port)
         self.address = sock.getsockname()[:2]
         if self.spec.tls:
@@ -87,29 +101,39 @@ class Listener:
         return f"{'https' if self.spec.tls else 'http'}://{host}:{self.address[1]}"
 
     def _on_acceptable(self) -> None:
-        if self.sock is None:
+        if self.sock is None or self.loop is None:
             return
+        loop, sniff = self.loop, self.spec.socks5
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                conn, _addr = self.sock.accept()
+                conn, peer = self.sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:  # EMFILE and friends: log, keep the listener
                 log.warning("accept on %s failed: %s", self.url, exc)
                 return
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._serve_plain(conn))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # the client is already gone
+                conn.close()
+                continue
+            PlainHandshake(self, loop, conn, peer[:2], sniff=sniff).start()
 
-    async def _serve_plain(self, conn: socket.socket) -> None:
-        try:
-            io = SocketIO(conn)
-        except OSError:  # the client is already gone
-            conn.close()
-            return
-        await self._serve(io, sniff=self.spec.socks5)
+    def spawn(self, coro: Coroutine[Any, Any, None], *owned: socket.socket) -> None:
+        """Run a connection's coroutine as a task this listener owns. The `owned` sockets
+        are closed if the task is cancelled (even before it started: then its coroutine
+        never ran to close them)."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if owned:
+            task.add_done_callback(lambda done: _close_if_cancelled(done, owned))
+
+    async def resume_http(self, io: SocketIO, reader: RequestHeadReader, head: RequestHead) -> None:
+        """The coroutine path for a plain connection whose first head the handshake read."""
+        await self._guard(io, serve_http(self.runtime, io, b"", self.forward_connections,
+                                         reader=reader, head=head))
 
     async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -119,19 +143,28 @@ class Listener:
         await self._serve(StreamIO(reader, writer), sniff=False)
 
     async def _serve(self, io: ClientIO, *, sniff: bool) -> None:
+        try:
+            async with asyncio.timeout(self.runtime.options.handshake_timeout):
+                first = await io.recv()
+        except TimeoutError:
+            io.close()
+            return
+        except BaseException:
+            io.close()
+            raise
+        if not first:
+            io.close()
+            return
+        if sniff and first[0] == SOCKS_VERSION:
+            await self._guard(io, serve_socks5(self.runtime, io, first))
+        else:
+            await self._guard(io, serve_http(self.runtime, io, first, self.forward_connections))
+
+    async def _guard(self, io: ClientIO, serving: Coroutine[Any, Any, bool]) -> None:
+        """Await a handler; close the connection unless it was handed off."""
         handed_off = False
         try:
-            try:
-                async with asyncio.timeout(self.runtime.options.handshake_timeout):
-                    first = await io.recv()
-            except TimeoutError:
-                return
-            if not first:
-                return
-            if sniff and first[0] == SOCKS_VERSION:
-                handed_off = await serve_socks5(self.runtime, io, first)
-            else:
-                handed_off = await serve_http(self.runtime, io, first, self.forward_connections)
+            handed_off = await serving
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must cost one connection, never the PoP
@@ -153,6 +186,8 @@ class Listener:
 
     async def close(self) -> None:
         self.stop_accepting()
+        for handshake in list(self.handshakes):
+            handshake.abort()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:

@@ -31,12 +31,19 @@ class Resolver:
         self._ttl = cache_ttl
         self._max = max_entries
 
+    @staticmethod
+    def literal(host: str) -> IPAddress | None:
+        """`host` as an address if it is an address literal (no resolution needed)."""
+        try:
+            return ipaddress.ip_address(host)
+        except ValueError:
+            return None
+
     async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
         """Every address of `host` (both families), or ResolveError with a readable reason."""
-        try:
-            return (ipaddress.ip_address(host),)
-        except ValueError:
-            pass
+        address = self.literal(host)
+        if address is not None:
+            return (address,)
         name = host.lower().rstrip(".")
         static = self._static.get(name)
         if static is not None:

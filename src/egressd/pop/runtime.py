@@ -16,7 +16,9 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
+
+from prometheus_client import Counter, Histogram
 
 from egressd.decide import Decision, Flow, HealthView, Path, decide
 from egressd.model.addresses import IPAddress
@@ -92,6 +94,9 @@ class StateHolder:
 
 _flow_counter = itertools.count(1)
 
+#: Bound on cached flow-counter children (rules come and go with snapshots).
+_MAX_CACHED_CHILDREN: Final = 4096
+
 
 _pid: tuple[int, str] = (0, "")
 
@@ -134,6 +139,12 @@ class PopRuntime:
         self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
         self.pipes = PipePool()
         self.draining = False
+        # Metric children per label tuple: `labels()` costs microseconds per call.
+        self._flow_counters: dict[tuple[str, str, str, str], Counter] = {}
+        self._connect_histograms: dict[str, Histogram] = {}
+        self._bytes_up = metrics.bytes.labels(code, "up")
+        self._bytes_down = metrics.bytes.labels(code, "down")
+        self.active_tcp = metrics.active.labels(code, "tcp")
 
     def new_record(self, protocol: str, client: tuple[str, int] | tuple[str, int, int, int]) -> FlowRecord:
         return FlowRecord(flow_id=new_flow_id(self.code), protocol=protocol,
@@ -143,14 +154,25 @@ class PopRuntime:
         """Write the flow's log line and count it. Called exactly once per flow."""
         self.flowlog.write(record)
         decision = record.decision
-        self.metrics.flows.labels(
-            self.code, record.protocol, decision.egress.value if decision else "none",
-            decision.rule if decision else "-", record.outcome,
-        ).inc()
+        key = (record.protocol, decision.egress.value if decision else "none",
+               decision.rule if decision else "-", record.outcome)
+        counter = self._flow_counters.get(key)
+        if counter is None:
+            if len(self._flow_counters) >= _MAX_CACHED_CHILDREN:
+                self._flow_counters.clear()
+            counter = self._flow_counters[key] = self.metrics.flows.labels(self.code, *key)
+        counter.inc()
         if record.bytes_up:
-            self.metrics.bytes.labels(self.code, "up").inc(record.bytes_up)
+            self._bytes_up.inc(record.bytes_up)
         if record.bytes_down:
-            self.metrics.bytes.labels(self.code, "down").inc(record.bytes_down)
+            self._bytes_down.inc(record.bytes_down)
+
+    def observe_connect(self, decision: Decision, seconds: float) -> None:
+        path = decision.path.value if decision.path else "-"
+        histogram = self._connect_histograms.get(path)
+        if histogram is None:
+            histogram = self._connect_histograms[path] = self.metrics.connect_seconds.labels(self.code, path)
+        histogram.observe(seconds)
 
     def decide_for(self, identity: Identity | None, protocol: str, address: IPAddress,
                    port: int, hostname: str | None) -> Decision:
@@ -174,6 +196,41 @@ class PopRuntime:
         UpstreamError; fills the record's decision and addresses either way."""
         record.port = port
         addresses = await self.resolve(host, port)
+        candidates = self._candidates(identity, host, port, addresses, record)
+        started = time.monotonic()
+        attempts = [self._attempt(address, port, decision, record) for address, decision in candidates]
+        sock, index = await happy_eyeballs(attempts, cleanup=_close_socket)
+        address, decision = candidates[index]
+        record.decision = decision
+        record.destination = str(address)
+        local = sock.getsockname()
+        record.local_address = f"{local[0]}:{local[1]}"
+        self.observe_connect(decision, time.monotonic() - started)
+        return sock
+
+    def direct_candidate(self, identity: Identity, host: str, port: int,
+                         record: FlowRecord) -> tuple[IPAddress, Decision] | None:
+        """The one thing to connect, when it needs no await: `host` is an address literal
+        and its decision connects locally with nothing to send first. The caller connects
+        it with `upstream.start_connect` and fills `record.local_address`. None: use
+        `open_tcp`. Raises FlowRefused; fills the record's decision either way."""
+        address = self.resolver.literal(host)
+        if address is None:
+            return None
+        record.port = port
+        candidates = self._candidates(identity, host, port, (address,), record)
+        if len(candidates) != 1:
+            return None
+        decision = candidates[0][1]
+        if (decision.source_address is None or decision.egress_pop not in (None, self.code)
+                or decision.path is Path.PRIVATE_ROUTE
+                or (decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None)):
+            return None
+        return candidates[0]
+
+    def _candidates(self, identity: Identity, host: str, port: int, addresses: tuple[IPAddress, ...],
+                    record: FlowRecord) -> list[tuple[IPAddress, Decision]]:
+        """Decide per address (RFC 8305 order); the usable ones, or FlowRefused."""
         hostname = None if _is_literal(host, addresses) else host
         record.hostname = hostname
         candidates: list[tuple[IPAddress, Decision]] = []
@@ -191,17 +248,7 @@ class PopRuntime:
             raise FlowRefused(refused)
         record.decision = candidates[0][1]
         record.destination = str(candidates[0][0])
-        started = time.monotonic()
-        attempts = [self._attempt(address, port, decision, record) for address, decision in candidates]
-        sock, index = await happy_eyeballs(attempts, cleanup=_close_socket)
-        address, decision = candidates[index]
-        record.decision = decision
-        record.destination = str(address)
-        local = sock.getsockname()
-        record.local_address = f"{local[0]}:{local[1]}"
-        self.metrics.connect_seconds.labels(self.code, decision.path.value if decision.path else "-").observe(
-            time.monotonic() - started)
-        return sock
+        return candidates
 
     def _attempt(self, address: IPAddress, port: int, decision: Decision,
                  record: FlowRecord) -> Callable[[], asyncio.Future[socket.socket] | asyncio.Task[socket.socket]]:

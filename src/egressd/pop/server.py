@@ -62,7 +62,8 @@ class PopServer:
 
     def busy(self) -> int:
         """Flows still in progress: tunnels, and connections still in their handshake."""
-        return len(self.runtime.relays) + sum(len(listener.tasks) for listener in self.listeners)
+        return len(self.runtime.relays) + sum(len(listener.tasks) + len(listener.handshakes)
+                                              for listener in self.listeners)
 
     async def drain(self, grace_seconds: float) -> None:
         """Stop accepting; let flows in progress finish for up to `grace_seconds`."""

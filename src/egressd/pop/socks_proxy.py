@@ -52,7 +52,7 @@ async def serve_socks5(runtime: PopRuntime, io: ClientIO, initial: bytes) -> boo
                     if isinstance(event, CredentialsReceived):
                         identity = authenticate(runtime.state.snapshot, (event.username, event.password))
                         if identity is None:
-                            _log_auth_failure(runtime, io, event.username)
+                            log_auth_failure(runtime, io.peer, event.username)
                             await io.send(server.reject_credentials())
                             return False
                         await io.send(server.accept_credentials())
@@ -72,6 +72,12 @@ async def serve_socks5(runtime: PopRuntime, io: ClientIO, initial: bytes) -> boo
     except TimeoutError:
         log.info("SOCKS5 client %s:%s did not finish its request in time", io.peer[0], io.peer[1])
         return False
+    return await serve_request(runtime, io, server, identity, request)
+
+
+async def serve_request(runtime: PopRuntime, io: ClientIO, server: Socks5Server, identity: Identity,
+                        request: RequestReceived) -> bool:
+    """Serve the request of an authenticated connection. True if the socket went to a relay."""
     if request.command is Command.CONNECT:
         return await _connect(runtime, io, server, identity, request)
     if request.command is Command.UDP_ASSOCIATE:
@@ -81,9 +87,9 @@ async def serve_socks5(runtime: PopRuntime, io: ClientIO, initial: bytes) -> boo
     return False
 
 
-def _log_auth_failure(runtime: PopRuntime, io: ClientIO, username: str) -> None:
+def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], username: str) -> None:
     runtime.metrics.auth_failures.labels(runtime.code, "socks5").inc()
-    record = runtime.new_record("tcp", io.peer)
+    record = runtime.new_record("tcp", peer)
     record.outcome = "auth-failed"
     record.error = f"wrong credentials for device {username!r}"
     runtime.finish(record)

@@ -118,8 +118,7 @@ async def connect_tcp(
             await _connect(sock, (str(address), port))
     except TimeoutError as exc:
         sock.close()
-        raise UpstreamError(f"connect to {_fmt(address, port)} timed out after {connect_timeout:g} s",
-                            status=504, socks_reply=0x04) from exc
+        raise connect_timed_out(address, port, connect_timeout) from exc
     except OSError as exc:
         sock.close()
         raise _map_connect_error(exc, address, port) from exc
@@ -148,6 +147,37 @@ async def _connect(sock: socket.socket, target: tuple[str, int]) -> None:
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
+
+
+def start_connect(source: IPAddress, address: IPAddress, port: int,
+                  options: SocketOptions) -> tuple[socket.socket, bool]:
+    """Begin a non-blocking connect from `source` to `address:port`, for a caller that
+    waits for writability itself (a callback, no task). Returns the socket (the caller's
+    from now on) and whether it is already connected; if not, the caller waits until it
+    is writable, then calls `connect_outcome`. Raises UpstreamError."""
+    sock = make_tcp_socket(source, options)
+    err = sock.connect_ex((str(address), port))
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        return sock, False
+    if err:
+        sock.close()
+        raise _map_connect_error(OSError(err, os.strerror(err)), address, port)
+    return sock, True
+
+
+def connect_outcome(sock: socket.socket, address: IPAddress, port: int) -> UpstreamError | None:
+    """After `start_connect`'s socket became writable: None if connected, else the error
+    (the caller closes the socket)."""
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError as exc:
+        return _map_connect_error(exc, address, port)
+    return _map_connect_error(OSError(err, os.strerror(err)), address, port) if err else None
+
+
+def connect_timed_out(address: IPAddress, port: int, connect_timeout: float) -> UpstreamError:
+    return UpstreamError(f"connect to {_fmt(address, port)} timed out after {connect_timeout:g} s",
+                         status=504, socks_reply=0x04)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

@@ -1,0 +1,463 @@
+"""The handshake of a plain connection (HTTP CONNECT or SOCKS5 CONNECT), driven by callbacks.
+
+The plain listener hands every accepted socket to a `PlainHandshake`. It reads with one
+reader registration, parses with the sans-I/O machines (`RequestHeadReader`,
+`Socks5Server`), answers the small handshake replies with a non-blocking send, and
+connects upstream. When that is done it hands the (client, upstream) pair to a
+`SpliceRelay`, whose reader replaces the handshake's on the client socket. A tunnel to an
+address literal that connects locally (the common case) costs no task and no coroutine:
+the connect is a writer callback on the socket `upstream.start_connect` made.
+
+Theory of operation. A handshake is in one state at a time:
+
+* SNIFF: nothing received yet. The first byte decides: 0x05 is SOCKS5, anything else HTTP.
+* HTTP_HEAD / SOCKS: reading the request. The handshake timeout (one timer from the
+  accept) closes a client that is too slow: with a 408 once HTTP bytes came, quietly else.
+* CONNECTING: the request is authenticated and allowed; the upstream connect is in
+  progress, under the connect timeout. The client socket is not read meanwhile: bytes it
+  sends wait in the kernel for the relay.
+* OPENING: the connect has to await (see below): a task of the listener runs
+  `PopRuntime.open_tcp`, then the handshake goes on as from CONNECTING.
+* DONE: handed to a relay, to a coroutine, or closed. Nothing of the handshake remains.
+
+Everything else goes to the coroutine handlers, with what was parsed so far: a request
+that is not a CONNECT (absolute-form forwarding, requests for the PoP itself), a CONNECT
+without valid credentials (407 and the keep-alive loop), UDP ASSOCIATE and unsupported
+SOCKS5 commands, a name to resolve, more than one candidate address, a backbone or
+private-route path, early tunnel bytes, and a reply the socket would not take at once.
+
+What it does not know: TLS (the TLS listener keeps the coroutine path), HTTP and SOCKS5
+syntax (the readers know it), decisions (`PopRuntime`), and sockets upstream
+(`pop/upstream.py` makes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any, Final, Protocol
+
+from egressd.decide import Decision
+from egressd.model.addresses import IPAddress
+from egressd.pop.client_io import RECV_SIZE, SocketIO, start_tunnel, tunnel_started
+from egressd.pop.flowlog import FlowRecord
+from egressd.pop.http_forward import failure_response, start_record
+from egressd.pop.identity import Identity, authenticate
+from egressd.pop.relay import SpliceRelay
+from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.socks_proxy import log_auth_failure, serve_request
+from egressd.pop.upstream import UpstreamError, connect_outcome, connect_timed_out, start_connect
+from egressd.protocols.http1 import (
+    HttpError,
+    RequestHead,
+    RequestHeadReader,
+    connect_established,
+    error_response,
+    simple_response,
+)
+from egressd.protocols.socks5 import (
+    Command,
+    CredentialsReceived,
+    ProtocolFailure,
+    ReplyCode,
+    RequestReceived,
+    Socks5Server,
+)
+
+log = logging.getLogger("egressd.pop.handshake")
+
+SOCKS_VERSION: Final = 0x05
+
+
+class State(enum.Enum):
+    SNIFF = "sniff"
+    HTTP_HEAD = "http-head"
+    SOCKS = "socks"
+    CONNECTING = "connecting"
+    OPENING = "opening"
+    DONE = "done"
+
+
+_READING: Final = frozenset({State.SNIFF, State.HTTP_HEAD, State.SOCKS})
+
+
+class HandshakeOwner(Protocol):
+    """What a handshake needs of its listener."""
+
+    runtime: PopRuntime
+    handshakes: set[PlainHandshake]
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *owned: socket.socket) -> None:
+        """Run `coro` as a task the listener owns (cancelled and awaited on close); the
+        `owned` sockets are closed if it is cancelled."""
+
+    def resume_http(self, io: SocketIO, reader: RequestHeadReader, head: RequestHead) -> Coroutine[Any, Any, None]:
+        """The coroutine path for a connection whose first head was read here."""
+
+
+class PlainHandshake:
+    """One accepted plain connection until it is a tunnel, a coroutine's, or closed."""
+
+    __slots__ = ("address", "connect_started", "head_reader", "identity", "loop", "owner", "peer",
+                 "reading", "record", "reply", "runtime", "sniff", "sock", "socks", "state",
+                 "timer", "upstream", "writing")
+
+    def __init__(self, owner: HandshakeOwner, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 peer: tuple[str, int], *, sniff: bool) -> None:
+        self.owner = owner
+        self.runtime = owner.runtime
+        self.loop = loop
+        self.sock = sock
+        self.peer = peer
+        self.sniff = sniff
+        self.state = State.SNIFF
+        self.reading = False
+        self.writing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.head_reader: RequestHeadReader | None = None
+        self.socks: Socks5Server | None = None
+        self.identity: Identity | None = None
+        self.record: FlowRecord | None = None
+        self.upstream: socket.socket | None = None
+        self.address: IPAddress | None = None
+        self.reply = b""
+        self.connect_started = 0.0
+
+    def start(self) -> None:
+        self.owner.handshakes.add(self)
+        self.timer = self.loop.call_later(self.runtime.options.handshake_timeout, self._on_timeout)
+        # The request is often there already: read before registering.
+        self._on_readable()
+        if self.state in _READING and not self.reading:
+            self.reading = True
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    # --- reading the request ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if self.state not in _READING:
+            # Connecting: the relay reads what the client sends meanwhile. The reader
+            # stays registered until then (the relay's replaces it) unless this happens.
+            self._stop_reading()
+            return
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            if self.state is State.SNIFF:
+                if not data:
+                    self._close()
+                    return
+                if self.sniff and data[0] == SOCKS_VERSION:
+                    self.state = State.SOCKS
+                    self.socks = Socks5Server()
+                else:
+                    self.state = State.HTTP_HEAD
+                    self.head_reader = RequestHeadReader()
+            if self.state is State.HTTP_HEAD:
+                self._http_received(data)
+            elif self.state is State.SOCKS:
+                self._socks_received(data)
+        except Exception:  # a bug must cost one connection, never the PoP
+            log.exception("unexpected error serving %s:%s", self.peer[0], self.peer[1])
+            self._close()
+
+    def _http_received(self, data: bytes) -> None:
+        reader = self.head_reader
+        assert reader is not None
+        runtime = self.runtime
+        if not data:  # bytes came before (the first one chose HTTP): a head was cut short
+            self._http_error(HttpError(400, "connection closed in the middle of a request head"))
+            return
+        reader.feed(data)
+        try:
+            head = reader.next_head()
+        except HttpError as error:
+            self._http_error(error)
+            return
+        if head is None:
+            return
+        identity = authenticate(runtime.state.snapshot, head.proxy_credentials) if head.is_connect else None
+        if identity is None:  # not a CONNECT, or a 407 to answer: the coroutine path
+            io = self._socket_io()
+            if io is not None:
+                self._detach()
+                self.owner.spawn(self.owner.resume_http(io, reader, head))
+            return
+        self.reply = connect_established()
+        self._connect(identity, head.host, head.port)
+
+    def _http_error(self, error: HttpError) -> None:
+        self.runtime.metrics.protocol_errors.labels(self.runtime.code, "http").inc()
+        log.info("bad request from %s:%s: %s", self.peer[0], self.peer[1], error.reason)
+        self._send(error_response(error))
+        self._close()
+
+    def _socks_received(self, data: bytes) -> None:
+        server = self.socks
+        assert server is not None
+        runtime = self.runtime
+        if not data:
+            self._close()
+            return
+        events = server.receive_data(data)
+        while True:
+            out = server.data_to_send()
+            if out and not self._send(out):
+                self._close()
+                return
+            if not events:
+                return
+            event = events.pop(0)
+            if isinstance(event, ProtocolFailure):
+                runtime.metrics.protocol_errors.labels(runtime.code, "socks5").inc()
+                log.info("bad SOCKS5 input from %s:%s: %s", self.peer[0], self.peer[1], event.message)
+                self._send(server.data_to_send())
+                self._close()
+                return
+            if isinstance(event, CredentialsReceived):
+                self.identity = authenticate(runtime.state.snapshot, (event.username, event.password))
+                if self.identity is None:
+                    log_auth_failure(runtime, self.peer, event.username)
+                    self._send(server.reject_credentials())
+                    self._close()
+                    return
+                if not self._send(server.accept_credentials()):
+                    self._close()
+                    return
+                events.extend(server.receive_data(b""))
+            elif isinstance(event, RequestReceived):
+                identity = self.identity
+                if identity is None:  # the state machine only allows this after auth
+                    self._close()
+                elif event.command is Command.CONNECT:
+                    self._connect(identity, event.host, event.port)
+                else:  # UDP ASSOCIATE, or a reply to "not supported": the coroutine path
+                    io = self._socket_io()
+                    if io is not None:
+                        self._detach()
+                        self.owner.spawn(self._guarded(serve_request(runtime, io, server, identity, event)),
+                                         self.sock)
+                return
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.state is State.HTTP_HEAD:
+            self._send(simple_response(408, "Request Timeout", b"request header timeout\n"))
+        elif self.state is State.SOCKS:
+            log.info("SOCKS5 client %s:%s did not finish its request in time", self.peer[0], self.peer[1])
+        elif self.state is State.CONNECTING:
+            assert self.address is not None and self.record is not None
+            self._connect_failed(connect_timed_out(self.address, self.record.port or 0,
+                                                   self.runtime.options.connect_timeout))
+            return
+        self._close()
+
+    # --- connecting upstream ----------------------------------------------------------
+
+    def _connect(self, identity: Identity, host: str, port: int) -> None:
+        runtime = self.runtime
+        record = self.record = start_record(runtime, self.peer, identity)
+        record.destination = host
+        self.state = State.CONNECTING
+        self._cancel_timer()
+        try:
+            direct = runtime.direct_candidate(identity, host, port, record)
+        except FlowRefused as exc:
+            self._connect_failed(exc)
+            return
+        if direct is None:  # a name, several candidates, or a path that awaits
+            self._stop_reading()
+            self.state = State.OPENING
+            self.owner.handshakes.discard(self)  # the task counts instead
+            self.owner.spawn(self._open_tcp(identity, host, port), self.sock)
+            return
+        self.address, decision = direct
+        assert decision.source_address is not None
+        self.connect_started = time.monotonic()
+        try:
+            upstream, connected = start_connect(decision.source_address, self.address, port,
+                                                runtime.options.sockets)
+        except UpstreamError as exc:
+            self._connect_failed(exc)
+            return
+        self.upstream = upstream
+        if connected:
+            self._connected(decision)
+            return
+        self.writing = True
+        self.loop.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
+        self.timer = self.loop.call_later(runtime.options.connect_timeout, self._on_timeout)
+
+    def _on_upstream_writable(self, decision: Decision) -> None:
+        upstream = self.upstream
+        if upstream is None or self.state is not State.CONNECTING:
+            return
+        self.writing = False
+        self.loop.remove_writer(upstream.fileno())
+        self._cancel_timer()
+        assert self.address is not None and self.record is not None
+        error = connect_outcome(upstream, self.address, self.record.port or 0)
+        if error is not None:
+            self._connect_failed(error)
+            return
+        try:
+            self._connected(decision)
+        except Exception:  # a bug must cost one connection, never the PoP
+            log.exception("unexpected error serving %s:%s", self.peer[0], self.peer[1])
+            self._close()
+
+    def _connected(self, decision: Decision) -> None:
+        upstream, record = self.upstream, self.record
+        assert upstream is not None and record is not None
+        record.decision = decision
+        record.destination = str(self.address)
+        local = upstream.getsockname()
+        record.local_address = f"{local[0]}:{local[1]}"
+        self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
+        self._tunnel(upstream, local)
+
+    def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:
+        record = self.record
+        assert record is not None
+        if self.socks is not None:
+            if isinstance(exc, FlowRefused):
+                record.outcome, record.error = "refused", exc.decision.reason
+                code = ReplyCode.CONNECTION_NOT_ALLOWED
+            else:
+                record.outcome, record.error = "upstream-error", exc.reason
+                code = ReplyCode(exc.socks_reply)
+            self._send(self.socks.reply(code))
+        else:
+            self._send(failure_response(record, exc))
+        self.runtime.finish(record)
+        self._close()
+
+    async def _open_tcp(self, identity: Identity, host: str, port: int) -> None:
+        """The awaiting part (resolve, Happy Eyeballs, backbone), as the listener's task."""
+        record = self.record
+        assert record is not None
+        try:
+            upstream = await self.runtime.open_tcp(identity, host, port, record)
+        except (FlowRefused, UpstreamError) as exc:
+            self._connect_failed(exc)
+            return
+        except BaseException:
+            self._close()
+            raise
+        self.upstream = upstream
+        try:
+            self._tunnel(upstream, upstream.getsockname())
+        except BaseException:
+            self._close()
+            raise
+
+    async def _guarded(self, coro: Coroutine[Any, Any, bool]) -> None:
+        handed_off = False
+        try:
+            handed_off = await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one connection, never the PoP
+            log.exception("unexpected error serving %s:%s", self.peer[0], self.peer[1])
+        finally:
+            if not handed_off:
+                self.sock.close()
+
+    # --- the tunnel -------------------------------------------------------------------
+
+    def _tunnel(self, upstream: socket.socket, local: tuple[Any, ...]) -> None:
+        runtime, record = self.runtime, self.record
+        assert record is not None
+        self.upstream = None  # the tunnel's from here on, whatever happens
+        if self.socks is not None:
+            reply = self.socks.reply(ReplyCode.SUCCEEDED, local[0], local[1])
+            early = self.socks.remainder()
+        else:
+            assert self.head_reader is not None
+            reply = self.reply
+            early = self.head_reader.remainder()
+        sent = 0
+        try:
+            if not early:
+                with contextlib.suppress(BlockingIOError):
+                    sent = self.sock.send(reply)
+            if sent < len(reply) or early:
+                # Bytes to send that may have to wait: the coroutine path sends them.
+                io = SocketIO(self.sock)
+                self._detach()
+                self.owner.spawn(self._guarded(start_tunnel(runtime, io, upstream, record, reply[sent:], early)),
+                                 self.sock, upstream)
+                return
+        except OSError as exc:
+            upstream.close()
+            record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
+            runtime.finish(record)
+            self._close()
+            return
+        on_close = tunnel_started(runtime, record)
+        self.state = State.DONE
+        self.owner.handshakes.discard(self)
+        # The relay's reader on the client socket replaces the handshake's, if any.
+        SpliceRelay(self.loop, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
+
+    # --- endings ----------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> bool:
+        """Send a handshake reply at once. Replies are a few bytes on a socket that has
+        sent nothing yet: one that does not fit ends the connection."""
+        if not data:
+            return True
+        try:
+            return self.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _socket_io(self) -> SocketIO | None:
+        """The connection for a coroutine handler; None (and closed) if the client is gone."""
+        try:
+            return SocketIO(self.sock)
+        except OSError:
+            self._close()
+            return None
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _detach(self) -> None:
+        """The connection goes to a coroutine: the handshake lets go of it."""
+        self._stop_reading()
+        self._cancel_timer()
+        self.state = State.DONE
+        self.owner.handshakes.discard(self)
+
+    def _close(self) -> None:
+        if self.state is State.DONE:
+            return
+        self._detach()
+        if self.upstream is not None:
+            if self.writing:
+                self.writing = False
+                self.loop.remove_writer(self.upstream.fileno())
+            self.upstream.close()
+            self.upstream = None
+        self.sock.close()
+
+    def abort(self) -> None:
+        """The listener closes: end the handshake now (its flow is not logged)."""
+        self._close()

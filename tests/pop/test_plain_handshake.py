@@ -1,0 +1,110 @@
+"""The plain listener's callback handshake (`pop/plain_handshake.py`): CONNECT and SOCKS5
+CONNECT to an address literal need no task, anything that must await gets one, and the
+answers are those of the coroutine path. Real sockets on 127.0.0.1, both event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import struct
+from collections.abc import Coroutine
+from typing import Any
+
+from tests.pop.test_http_forward import ANN, TIMEOUT, Origin, Pop, Run, run, settle
+
+from egressd.protocols.http1 import ResponseHeadReader
+
+__all__ = ["run"]
+
+
+def count_spawns(pop: Pop) -> list[str]:
+    """Record the coroutines the handshake hands to the listener as tasks."""
+    spawned: list[str] = []
+    spawn = pop.listener.spawn
+
+    def counting(coro: Coroutine[Any, Any, None], *owned: socket.socket) -> None:
+        spawned.append(coro.__qualname__)
+        spawn(coro, *owned)
+
+    pop.listener.spawn = counting  # type: ignore[method-assign]
+    return spawned
+
+
+async def connect_tunnel(pop: Pop, authority: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    reader, writer = await asyncio.open_connection(*pop.address)
+    token = base64.b64encode(f"{ANN[0]}:{ANN[1]}".encode()).decode()
+    writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                 f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+    heads = ResponseHeadReader("CONNECT")
+    async with asyncio.timeout(TIMEOUT):
+        while (head := heads.next_head()) is None:
+            heads.feed(await reader.read(65536))
+    return reader, writer, head.status
+
+
+async def who_through(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin) -> int:
+    """GET /who through an established tunnel: the origin answers with the source port."""
+    writer.write(f"GET /who HTTP/1.1\r\nHost: {origin.address[0]}\r\nConnection: close\r\n\r\n".encode())
+    async with asyncio.timeout(TIMEOUT):
+        answer = await reader.read()
+    return int(answer.split(b"\r\n\r\n", 1)[1])
+
+
+def test_connect_to_an_address_literal_needs_no_task(run: Run) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        spawned = count_spawns(pop)
+        reader, writer, status = await connect_tunnel(pop, f"{origin.address[0]}:{origin.address[1]}")
+        assert status == 200
+        port = await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: len(pop.runtime.relays) == 0 and bool(pop.records()))
+        assert spawned == []
+        (record,) = pop.records()
+        assert record["outcome"] == "ok" and record["source"] == f"127.0.0.2:{port}"
+        assert record["destination"] == "127.0.0.1" and record["account"] == "alpha"
+    run(body)
+
+
+def test_socks5_connect_to_an_address_literal_needs_no_task(run: Run) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        spawned = count_spawns(pop)
+        reader, writer = await asyncio.open_connection(*pop.address)
+        user, password = (part.encode() for part in ANN)
+        writer.write(b"\x05\x01\x02" + bytes([1, len(user)]) + user + bytes([len(password)]) + password
+                     + b"\x05\x01\x00\x01" + socket.inet_aton(origin.address[0])
+                     + struct.pack("!H", origin.address[1]))
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.readexactly(4) == b"\x05\x02\x01\x00"
+            reply = await reader.readexactly(10)
+        assert reply[:4] == b"\x05\x00\x00\x01" and socket.inet_ntoa(reply[4:8]) == "127.0.0.2"
+        port = await who_through(reader, writer, origin)
+        assert port == struct.unpack("!H", reply[8:10])[0]
+        writer.close()
+        assert await settle(lambda: len(pop.runtime.relays) == 0 and bool(pop.records()))
+        assert spawned == []
+        assert [record["outcome"] for record in pop.records()] == ["ok"]
+    run(body)
+
+
+def test_refused_connect_is_answered_from_the_handshake(run: Run) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        spawned = count_spawns(pop)
+        _reader, writer, status = await connect_tunnel(pop, "127.0.0.3:80")
+        assert status == 403
+        writer.close()
+        assert spawned == [] and not pop.listener.handshakes
+        assert [record["outcome"] for record in pop.records()] == ["refused"]
+    run(body)
+
+
+def test_connect_to_a_name_awaits_in_a_task_of_the_listener(run: Run) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        spawned = count_spawns(pop)
+        reader, writer, status = await connect_tunnel(pop, f"localhost:{origin.address[1]}")
+        assert status == 200
+        await who_through(reader, writer, origin)
+        writer.close()
+        assert spawned == ["PlainHandshake._open_tcp"]
+        assert await settle(lambda: not pop.listener.tasks and len(pop.runtime.relays) == 0)
+    run(body)
