@@ -416,3 +416,25 @@ async def test_pipelined_requests_after_a_local_request_and_a_407_are_all_answer
     finally:
         await close_writer(writer)
     assert statuses == [200, 407, 200]
+
+
+def test_pop_on_a_port_in_use_exits_2_with_a_clear_message() -> None:
+    import socket
+    import subprocess
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)  # a listener of another program: the PoP cannot have the port
+    port = taken.getsockname()[1]
+    deployment = Path(__file__).resolve().parents[2] / "benchmarks" / "deployment.toml"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "egressd", "pop", "-d", str(deployment), "--pop", "bench",
+             "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -169,7 +169,12 @@ async def _serve_pop(
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]
     context = server_tls_context(cert, key) if tls and cert and key else None
     server = PopServer(runtime, specs, tls_context=context, reuse_port=reuse_port)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen on %s", exc.strerror or exc)
+        flowlog.close()
+        raise SystemExit(2) from exc
 
     def reload() -> None:
         try:

@@ -53,9 +53,9 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.bind((host, port))
         sock.listen(4096)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from exc
     return sock
 
 
