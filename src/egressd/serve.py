@@ -192,6 +192,14 @@ class ServeStack:
             self.flowlog = None
 
 
+def redacted(info: dict[str, Any]) -> dict[str, Any]:
+    """serve.json without the device secrets, for printing: they stay in the 0600 files."""
+    copy: dict[str, Any] = json.loads(json.dumps(info))
+    for account in copy["accounts"].values():
+        account["password"] = "***"  # noqa: S105 - a placeholder, not a secret
+    return copy
+
+
 def try_it(info: dict[str, Any]) -> list[str]:
     """The lines `egressd serve` prints for a new user. Credentials stay in the 0600 curlrc
     files (`-K`): the guide itself never prints a secret."""

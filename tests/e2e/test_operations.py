@@ -171,11 +171,16 @@ async def test_egressd_serve_process_serves_and_stops_on_sigterm(egressd_process
     assert "Traceback" not in child.stderr()
 
 
-async def test_egressd_serve_json_line_is_serve_json(egressd_process: Start, tmp_path: Path) -> None:
+async def test_egressd_serve_json_line_is_serve_json_without_secrets(
+    egressd_process: Start, tmp_path: Path,
+) -> None:
     child, info = await start_serve(egressd_process, tmp_path / "state")
     written = json.loads((tmp_path / "state" / "serve.json").read_text())
     child.signal(signal.SIGTERM)
     assert await child.wait(within=10.0) == 0
+    for account in written["accounts"].values():
+        assert len(account["password"]) >= 16
+        account["password"] = "***"  # the printed line masks the secrets; the file has them
     assert written == info
 
 
@@ -385,7 +390,9 @@ async def test_egressd_serve_sigterm_stops_every_pop_accepting_at_once(
 ) -> None:
     child, info = await start_serve(egressd_process, tmp_path / "state", "--grace", "10")
     echo = info["echo"]["http"].split("://", 1)[1].rstrip("/")
-    response, _reader, writer = await http_connect(pop_plain(info, "las"), echo, credentials(info, "acme"))
+    with_secrets = json.loads((tmp_path / "state" / "serve.json").read_text())  # the line masks them
+    response, _reader, writer = await http_connect(pop_plain(info, "las"), echo,
+                                                   credentials(with_secrets, "acme"))
     assert response.status == 200
     try:
         child.signal(signal.SIGTERM)

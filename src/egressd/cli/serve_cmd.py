@@ -22,12 +22,12 @@ def serve(
     udp: bool = typer.Option(True, "--udp/--no-udp", help="acme's proxy.udp setting (UDP and HTTP/3 leave from dedicated IPs)."),
     grace: float = typer.Option(5.0, "--grace", help="Seconds to let flows finish on SIGTERM/Ctrl-C."),
     log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
-    json_only: bool = typer.Option(False, "--json", help="Print serve.json instead of the guide."),
+    json_only: bool = typer.Option(False, "--json", help="Print serve.json (secrets masked; they are in the 0600 files) on one line instead of the guide."),
 ) -> None:
     """Run the gateway on loopback: PoPs las, lax and jfk, an echo origin and a demo enterprise
     account (dedicated egress in Los Angeles and New York). Prints curl lines to try it and
     writes the same, machine-readable, to STATE_DIR/serve.json. Ctrl-C stops it."""
-    from egressd.serve import ServeSettings, ServeStack, try_it
+    from egressd.serve import ServeSettings, ServeStack, redacted, try_it
 
     setup_logging(log_level)
     hold_signals()
@@ -42,7 +42,7 @@ def serve(
             raise typer.Exit(1) from exc
         signals = SignalWaiter()  # before the ready line: a SIGTERM right after it is handled
         if json_only:
-            print(json.dumps(info), flush=True)
+            print(json.dumps(redacted(info)), flush=True)  # secrets: serve.json, curlrc files
         else:
             console.print(f"[bold]egressd serve[/bold] is running: PoPs {', '.join(info['pops'])}, echo origin {info['echo']['http']}")
             console.print(f"State: {state_dir}/serve.json (credentials, ports), CA: {info['ca_cert']}\n")
