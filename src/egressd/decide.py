@@ -42,6 +42,9 @@ class Egress(StrEnum):
     REFUSED = "refused"
 
 
+_SHARED = Egress.SHARED
+
+
 class Path(StrEnum):
     DIRECT = "direct"  # leaves from the connected PoP
     BACKBONE = "backbone"  # carried to another PoP and leaves there (R7)
@@ -335,12 +338,14 @@ def ipv6_subrange(prefix: ipaddress.IPv6Network, slot: int) -> ipaddress.IPv6Net
 
 
 def _shared_source(connected: DataCenter, flow: Flow) -> IPAddress | None:
-    key = stable_hash(flow.account or "", flow.user)
     if flow.address.version == 6:
         if connected.shared_ipv6 is None:
             return None
-        return address_in_prefix(connected.shared_ipv6, key)
-    return connected.shared_ipv4[key % len(connected.shared_ipv4)]
+        return address_in_prefix(connected.shared_ipv6, stable_hash(flow.account or "", flow.user))
+    shared = connected.shared_ipv4
+    if len(shared) == 1:  # the common case needs no hash
+        return shared[0]
+    return shared[stable_hash(flow.account or "", flow.user) % len(shared)]
 
 
 def _shared(
@@ -356,17 +361,10 @@ def _shared(
     source = _shared_source(connected, flow)
     if source is None:
         return _refuse(flow, "R5", f"PoP {connected.code} has no shared IPv6 range")
+    code = connected.code
+    # Positional: keyword construction of a NamedTuple costs more, on every shared flow.
     return Decision(
-        egress=Egress.SHARED,
-        rule=rule,
-        connected_pop=connected.code,
-        source_address=source,
-        egress_pop=connected.code,
-        path=path,
-        logical_city=connected.city,
-        route=route,
-        via=via,
-        reason=reason,
+        _SHARED, rule, code, source, code, path, connected.city, None, None, route, via, reason
     )
 
 

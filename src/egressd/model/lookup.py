@@ -18,16 +18,27 @@ def normalise_hostname(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+COARSE_V4 = 8
+COARSE_V6 = 16
+
+
 class CidrTable(Generic[V]):
     """Maps networks to values; finds the longest match or combines every match."""
 
-    __slots__ = ("_by_family",)
+    __slots__ = ("_by_family", "_coarse")
 
     def __init__(self) -> None:
         # family -> list of (prefix length, {network int: value}), longest first
         self._by_family: dict[int, list[tuple[int, dict[int, V]]]] = {4: [], 6: []}
+        # family -> the /8 (IPv4) or /16 (IPv6) blocks any entry touches: most addresses
+        # are rejected with one set probe instead of one dict probe per prefix length.
+        self._coarse: dict[int, set[int]] = {4: set(), 6: set()}
 
     def add(self, network: IPNetwork, value: V, combine: Callable[[V, V], V] | None = None) -> None:
+        bits, coarse = (32, COARSE_V4) if network.version == 4 else (128, COARSE_V6)
+        first = int(network.network_address) >> (bits - coarse)
+        span = 1 << max(0, coarse - network.prefixlen)
+        self._coarse[network.version].update(range(first, first + span))
         levels = self._by_family[network.version]
         table = next((level for length, level in levels if length == network.prefixlen), None)
         if table is None:
@@ -49,11 +60,15 @@ class CidrTable(Generic[V]):
 
     def longest_int(self, version: int, as_int: int) -> V | None:
         """Longest match for an address given as (version, int): the hot path converts once."""
-        levels = self._by_family[version]
-        if not levels:
-            return None
-        bits = 32 if version == 4 else 128
-        for length, table in levels:
+        if version == 4:
+            if as_int >> (32 - COARSE_V4) not in self._coarse[4]:
+                return None
+            bits = 32
+        else:
+            if as_int >> (128 - COARSE_V6) not in self._coarse[6]:
+                return None
+            bits = 128
+        for length, table in self._by_family[version]:
             shift = bits - length
             found = table.get(as_int >> shift << shift)
             if found is not None:
