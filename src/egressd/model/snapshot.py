@@ -71,7 +71,6 @@ class AccountIndex:
     locations: Mapping[str, DedicatedLocation]
     active_locations: tuple[DedicatedLocation, ...]
     policies: PolicyIndex
-    groups_of: Mapping[str, frozenset[str]]
     route_cidrs: CidrTable[PrivateRoute]
     route_hosts: HostTable[PrivateRoute]
     # Copies of hot fields, so a decision touches fewer objects (cache misses dominate
@@ -530,7 +529,6 @@ def _index_account(
         locations={loc.id: loc for loc in account.locations},
         active_locations=active,
         policies=PolicyIndex(account.policies, groups_of),
-        groups_of=groups_of,
         route_cidrs=route_cidrs,
         route_hosts=route_hosts,
         proxy_tcp=account.settings.proxy_tcp,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from egressd.pop.relay import BufferedRelay, PipePool, RelayRegistry, RelayResult, SpliceRelay
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from egressd.pop.runtime import PopRuntime
 
 RECV_SIZE = 65536
+log = logging.getLogger("egressd.pop")
 
 
 class ClientIO(Protocol):
@@ -157,3 +159,19 @@ def tunnel_started(runtime: PopRuntime, record: FlowRecord) -> Callable[[RelayRe
         runtime.finish(record)
 
     return on_close
+
+
+async def guarded(serving: Coroutine[Any, Any, bool], close: Callable[[], None],
+                  peer: tuple[str, int]) -> None:
+    """Await a handler; close the connection unless it was handed off. A bug costs one
+    connection, never the PoP."""
+    handed_off = False
+    try:
+        handed_off = await serving
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s:%s", peer[0], peer[1])
+    finally:
+        if not handed_off:
+            close()

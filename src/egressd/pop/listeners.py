@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from egressd.pop.client_io import ClientIO, SocketIO, StreamIO
+from egressd.pop.client_io import ClientIO, SocketIO, StreamIO, guarded
 from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.http_proxy import serve_http
 from egressd.pop.plain_handshake import PlainHandshake
@@ -161,17 +161,7 @@ class Listener:
             await self._guard(io, serve_http(self.runtime, io, first, self.forward_connections))
 
     async def _guard(self, io: ClientIO, serving: Coroutine[Any, Any, bool]) -> None:
-        """Await a handler; close the connection unless it was handed off."""
-        handed_off = False
-        try:
-            handed_off = await serving
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must cost one connection, never the PoP
-            log.exception("unexpected error serving %s:%s", io.peer[0], io.peer[1])
-        finally:
-            if not handed_off:
-                io.close()
+        await guarded(serving, io.close, io.peer)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:

@@ -44,7 +44,7 @@ from typing import Any, Final, Protocol
 
 from egressd.decide import Decision
 from egressd.model.addresses import IPAddress
-from egressd.pop.client_io import RECV_SIZE, SocketIO, start_tunnel, tunnel_started
+from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_forward import failure_response, start_record
 from egressd.pop.identity import Identity, authenticate
@@ -361,16 +361,7 @@ class PlainHandshake:
             raise
 
     async def _guarded(self, coro: Coroutine[Any, Any, bool]) -> None:
-        handed_off = False
-        try:
-            handed_off = await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must cost one connection, never the PoP
-            log.exception("unexpected error serving %s:%s", self.peer[0], self.peer[1])
-        finally:
-            if not handed_off:
-                self.sock.close()
+        await guarded(coro, self.sock.close, self.peer)
 
     # --- the tunnel -------------------------------------------------------------------
 
