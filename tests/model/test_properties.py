@@ -443,13 +443,12 @@ def test_r6_picks_a_location_with_the_minimum_rtt(scenario: Scenario) -> None:
         assert account is not None and really_active(world, account)
         ipv6 = flow.address.version == 6
         active = [loc for loc in account.locations if loc.state is LocationState.ACTIVE]
-        if ipv6:
-            # IPv6 leaves locally; it prefers locations IPv4 could use, so both keep one city.
-            with_range = [loc for loc in active if loc.ipv6 is not None]
-            reachable = [loc for loc in with_range if health.is_up(flow.connected_pop, loc.home_pop)]
-            usable = reachable or with_range
-        elif decision.path is Path.IN_NETWORK:
-            usable = active  # R8 leaves from the connected PoP: the home PoP's health is moot
+        if ipv6 or decision.path is Path.IN_NETWORK:
+            # IPv6 (R9) and in-network IPv4 (R8) leave locally, so an unreachable home PoP is
+            # a last resort only: R6 asks for the most performant *healthy* location first.
+            candidates = [loc for loc in active if not ipv6 or loc.ipv6 is not None]
+            reachable = [loc for loc in candidates if health.is_up(flow.connected_pop, loc.home_pop)]
+            usable = reachable or candidates
         else:
             usable = [loc for loc in active if health.is_up(flow.connected_pop, loc.home_pop)]
         chosen = next(loc for loc in usable if loc.id == decision.location)

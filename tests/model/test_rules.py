@@ -801,6 +801,16 @@ def test_r8_in_network_origin_with_a_policy_carries_the_policy_location() -> Non
     assert decision.source_address in LAS.shared_ipv4
 
 
+def test_r8_prefers_a_healthy_location_over_a_faster_unreachable_one() -> None:
+    """R6 asks for the most performant *healthy* location, even when R8 leaves locally."""
+    snap = snapshot(enterprise("acme"), origins=[CDN])
+    lax_down = view(down={"lax"}, rtt={("las", "lax"): 1.0, ("las", "jfk"): 60.0})
+    decision = decide(snap, flow("acme", "203.0.113.130", pop="las"), lax_down)
+    assert decision.path is Path.IN_NETWORK
+    assert decision.location == "acme-jfk"
+    assert decision.proxy_v2_source == ACME_JFK.ipv4
+
+
 def test_r8_ordinary_destinations_are_not_in_network() -> None:
     snap = snapshot(enterprise("acme"), origins=[CDN])
     for dst, hostname in (("203.0.113.127", None), ("192.0.2.77", "cdn.example")):
