@@ -158,7 +158,9 @@ async def test_egressd_serve_process_serves_and_stops_on_sigterm(egressd_process
     child, info = await start_serve(egressd_process, tmp_path / "state")
     assert set(info["pops"]) == {"las", "lax", "jfk"}
     health = await wait_healthy(pop_plain(info))  # start_serve waited for every PoP's /health
+    config = health.pop("config")
     assert health == {"pop": "las", "status": "ok", "snapshot_version": 1, "active_tunnels": 0}
+    assert config["version"] == 1
     result = await curl("-K", info["accounts"]["acme"]["curlrc"], "-x", info["pops"]["las"]["http_proxy"],
                         info["echo"]["http"])
     assert result.body == b"127.0.2.100\n"
@@ -300,6 +302,7 @@ async def test_pop_reload_on_sighup(
         assert response.status == 200 and response.body == b"127.0.0.2\n"
     health = await wait_healthy(pop.address)
     assert health["snapshot_version"] == 2
+    assert (health["config"]["version"], health["config"]["source"]) == (2, "file")
     pop.child.signal(signal.SIGTERM)
     assert await pop.child.wait(within=10.0) == 0
 

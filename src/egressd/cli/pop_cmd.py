@@ -1,4 +1,5 @@
-"""`egressd pop`: run one PoP from a deployment file, optionally as several worker processes."""
+"""`egressd pop`: run one PoP from a deployment file or fed by the control plane (R14),
+optionally as several worker processes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import ipaddress
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +21,27 @@ import typer
 from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
 
 if TYPE_CHECKING:
+    from egressd.pop.control_link import ControlWatcher
     from egressd.pop.flowlog import FlowLog
+    from egressd.pop.metrics import PopMetrics
+    from egressd.pop.runtime import StateHolder
 
 log = logging.getLogger("egressd.pop")
+TOKEN_ENV = "EGRESSD_POP_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+
+
+@dataclass(frozen=True)
+class ControlSource:
+    """Where a PoP fed by the control plane gets its snapshots (`--control`)."""
+
+    url: str
+    token: str
+    state_dir: Path
+    ca: Path | None
+    first_wait: float
+
+    def __repr__(self) -> str:  # never show the token
+        return f"ControlSource(url={self.url!r}, state_dir={str(self.state_dir)!r})"
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +56,13 @@ def _host_port(text: str, option: str) -> tuple[str, int]:
 
 
 def pop(
-    deployment: Path = typer.Option(..., "--deployment", "-d", help="Deployment file (TOML), see docs/deployment-file.md."),
+    deployment: Path | None = typer.Option(None, "--deployment", "-d", help="Deployment file (TOML), see docs/deployment-file.md. Or use --control."),
     code: str = typer.Option(..., "--pop", help="Which data center of the deployment this PoP is."),
+    control: str | None = typer.Option(None, "--control", help="Control plane URL (http(s)://HOST:PORT): watch it for snapshots instead of reading -d FILE. Needs --state-dir and a token."),
+    control_token_file: Path | None = typer.Option(None, "--control-token-file", help=f"File holding this PoP's control-plane token (else env {TOKEN_ENV})."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="With --control: directory for the last good snapshot (snapshot.json, 0600), served at start when the control plane is down."),
+    control_ca: Path | None = typer.Option(None, "--control-ca", help="With --control https://: CA bundle (PEM) to verify the control plane with, instead of the system's."),
+    first_wait: float = typer.Option(120.0, "--first-snapshot-wait", min=1.0, help="With --control and no copy in --state-dir: seconds to wait for the first snapshot before giving up (exit 2)."),
     listen: list[str] = typer.Option(["127.0.0.1:8080"], "--listen", help="HOST:PORT for HTTP proxy + SOCKS5 (sniffed). Repeatable."),
     https_listen: list[str] = typer.Option([], "--https-listen", help="HOST:PORT for the HTTPS proxy (TLS). Repeatable."),
     cert: Path | None = typer.Option(None, "--cert", help="Certificate (PEM) for --https-listen."),
@@ -51,23 +77,21 @@ def pop(
     grace: float = typer.Option(30.0, "--grace", help="Seconds flows may finish after SIGTERM."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
-    """Run one PoP. SIGHUP reloads the deployment file (new flows use it, flows in progress
-    keep going; an invalid file is reported and the last good configuration stays).
-    SIGTERM stops accepting and lets flows finish for --grace seconds."""
-    from egressd.model.deployment import DeploymentError, load_deployment
+    """Run one PoP, configured by exactly one of:
 
+    -d FILE: a deployment file. SIGHUP reloads it (new flows use it, flows in progress keep
+    going; an invalid file is reported and the last good configuration stays).
+
+    --control URL --state-dir DIR (token in --control-token-file or $EGRESSD_POP_TOKEN):
+    long-poll the control plane for new snapshots and apply each within moments (R14). The
+    last good snapshot is kept in DIR; a PoP restarted while the control plane is down
+    serves it at once. Without a copy the PoP waits for the first snapshot (at most
+    --first-snapshot-wait seconds). An invalid snapshot is logged and not applied; an
+    unreachable control plane is retried while the PoP keeps serving, and /health says so.
+
+    SIGTERM stops accepting and lets flows finish for --grace seconds."""
     setup_logging(log_level)
-    try:
-        snapshot = load_deployment(deployment.read_text(encoding="utf-8"))
-    except OSError as exc:
-        typer.echo(f"egressd pop: cannot read {deployment}: {exc.strerror}", err=True)
-        raise typer.Exit(2) from exc
-    except DeploymentError as exc:
-        typer.echo(f"egressd pop: {deployment} is invalid:\n{exc}", err=True)
-        raise typer.Exit(2) from exc
-    if code not in snapshot.data_centers:
-        typer.echo(f"egressd pop: no data center {code!r} in {deployment} (have: {', '.join(snapshot.data_centers)})", err=True)
-        raise typer.Exit(2)
+    source = _config_source(deployment, code, control, control_token_file, state_dir, control_ca, first_wait)
     if https_listen and (cert is None or key is None):
         raise typer.BadParameter("--https-listen needs --cert and --key", param_hint="--https-listen")
     plain = [_host_port(item, "--listen") for item in listen]
@@ -85,7 +109,7 @@ def pop(
     hold_signals()
 
     def child() -> None:
-        run(lambda: _serve_pop(deployment, code, plain, tls, cert, key, flow_log, statics,
+        run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1))
 
@@ -93,6 +117,82 @@ def pop(
         child()
         return
     _run_workers(workers, child)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"egressd pop: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _config_source(deployment: Path | None, code: str, control: str | None, token_file: Path | None,
+                   state_dir: Path | None, control_ca: Path | None, first_wait: float) -> Path | ControlSource:
+    """Check the configuration options before any fork: the deployment file (validated),
+    or the control plane's URL, token and state directory."""
+    if (deployment is None) == (control is None):
+        raise _fail("give exactly one of -d/--deployment FILE (a deployment file) or "
+                    "--control URL (the control plane)")
+    if deployment is not None:
+        extra = [name for name, value in (("--control-token-file", token_file), ("--state-dir", state_dir),
+                                          ("--control-ca", control_ca)) if value is not None]
+        if extra:
+            raise _fail(f"{', '.join(extra)} only apply with --control, not with -d/--deployment")
+        return _checked_file(deployment, code)
+    assert control is not None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(control)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
+        raise _fail(f"--control expects http(s)://HOST[:PORT][/PATH] without credentials, got {control!r}")
+    if state_dir is None:
+        raise _fail("--control needs --state-dir DIR, where the last good snapshot is kept (R14)")
+    token = _read_token(token_file)
+    if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        log.warning("--control %s is plain HTTP: the PoP token travels in clear text; use https://", control)
+    if control_ca is not None and not control_ca.is_file():
+        raise _fail(f"--control-ca {control_ca}: no such file")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = tempfile.NamedTemporaryFile(dir=state_dir, prefix=".probe-")  # noqa: SIM115 - closed at once
+        probe.close()
+    except OSError as exc:
+        raise _fail(f"--state-dir {state_dir} is not a writable directory: {exc.strerror or exc}") from exc
+    return ControlSource(control.rstrip("/"), token, state_dir, control_ca, first_wait)
+
+
+def _checked_file(deployment: Path, code: str) -> Path:
+    from egressd.model.deployment import DeploymentError, load_deployment
+
+    try:
+        snapshot = load_deployment(deployment.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _fail(f"cannot read {deployment}: {exc.strerror}") from exc
+    except DeploymentError as exc:
+        raise _fail(f"{deployment} is invalid:\n{exc}") from exc
+    if code not in snapshot.data_centers:
+        raise _fail(f"no data center {code!r} in {deployment} (have: {', '.join(snapshot.data_centers)})")
+    return deployment
+
+
+def _read_token(token_file: Path | None) -> str:
+    """The PoP's bearer token: --control-token-file, else $EGRESSD_POP_TOKEN. Never echoed."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+            mode = token_file.stat().st_mode
+        except OSError as exc:
+            raise _fail(f"cannot read --control-token-file {token_file}: {exc.strerror}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("--control-token-file %s is readable by others (mode %o): chmod 600 it",
+                        token_file, stat.S_IMODE(mode))
+        where = str(token_file)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        where = f"${TOKEN_ENV}"
+        if not token:
+            raise _fail(f"--control needs the PoP's token: --control-token-file PATH or ${TOKEN_ENV}")
+    if not token or any(char.isspace() for char in token):
+        raise _fail(f"the token in {where} is empty or contains white space")
+    return token
 
 
 def _run_workers(count: int, child: object) -> None:
@@ -143,7 +243,7 @@ def _run_workers(count: int, child: object) -> None:
 
 
 async def _serve_pop(
-    deployment: Path, code: str, plain: list[tuple[str, int]], tls: list[tuple[str, int]],
+    source: Path | ControlSource, code: str, plain: list[tuple[str, int]], tls: list[tuple[str, int]],
     cert: Path | None, key: Path | None, flow_log: str,
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
@@ -151,20 +251,63 @@ async def _serve_pop(
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
+    from egressd.pop.control_link import FirstSnapshotTimeout
     from egressd.pop.listeners import ListenerSpec
     from egressd.pop.metrics import PopMetrics
     from egressd.pop.resolver import Resolver
     from egressd.pop.runtime import NoBackbone, PopOptions, PopRuntime, StateHolder
     from egressd.pop.server import PopServer, server_tls_context
 
-    snapshot = load_deployment(_read(deployment))
+    metrics = PopMetrics()
+    state: StateHolder | None = None
+    watcher: ControlWatcher | None = None
+
+    def reload() -> None:
+        if state is None:
+            return
+        if not isinstance(source, Path):
+            log.info("SIGHUP: the configuration comes from the control plane (snapshot %d); "
+                     "nothing to reload", state.snapshot.version)
+            return
+        try:
+            fresh = load_deployment(_read(source), version=state.snapshot.version + 1)
+        except (OSError, DeploymentError) as exc:
+            log.error("reload of %s failed, keeping snapshot %d:\n%s", source, state.snapshot.version, exc)
+            return
+        state.replace(fresh)
+        metrics.config_version.labels(code).set(fresh.version)
+        log.info("reloaded %s: snapshot %d", source, fresh.version)
+
+    # Signals first: SIGTERM must also end the wait for a first snapshot.
+    stopped = asyncio.ensure_future(SignalWaiter(on_reload=reload).wait())
+    if isinstance(source, Path):
+        snapshot = load_deployment(_read(source))
+        metrics.config_version.labels(code).set(snapshot.version)
+    else:
+        watcher = _watcher(source, code, metrics)
+        first = asyncio.ensure_future(watcher.first_snapshot(max_wait=source.first_wait))
+        await asyncio.wait({first, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            await watcher.close()
+            log.info("%s before the first snapshot: stopped", stopped.result())
+            return
+        try:
+            snapshot = first.result()
+        except FirstSnapshotTimeout as exc:
+            log.error("%s", exc)
+            await watcher.close()
+            stopped.cancel()
+            raise SystemExit(2) from exc
     # Until the backbone lands, a standalone PoP reaches only itself (R11 applies to the rest).
     view = HealthView(up=frozenset({code}))
     options = PopOptions(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
                          idle_timeout=idle_timeout, max_lifetime=max_lifetime)
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
-    runtime = PopRuntime(code, state, NoBackbone(), Resolver(static=statics), options, flowlog, PopMetrics())
+    runtime = PopRuntime(code, state, NoBackbone(), Resolver(static=statics), options, flowlog, metrics)
     specs = [ListenerSpec(host, port) for host, port in plain]
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]
     context = server_tls_context(cert, key) if tls and cert and key else None
@@ -174,22 +317,33 @@ async def _serve_pop(
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
         flowlog.close()
+        if watcher is not None:
+            await watcher.close()
+        stopped.cancel()
         raise SystemExit(2) from exc
+    if watcher is not None:
+        watcher.start(state)
 
-    def reload() -> None:
-        try:
-            fresh = load_deployment(_read(deployment), version=state.snapshot.version + 1)
-        except (OSError, DeploymentError) as exc:
-            log.error("reload of %s failed, keeping snapshot %d:\n%s", deployment, state.snapshot.version, exc)
-            return
-        state.replace(fresh)
-        log.info("reloaded %s: snapshot %d", deployment, fresh.version)
-
-    reason = await SignalWaiter(on_reload=reload).wait()
+    reason = await stopped
     log.info("%s: draining for up to %g s", reason, grace)
     await server.drain(grace)
+    if watcher is not None:
+        await watcher.close()
     flowlog.close()
     await asyncio.sleep(0)
+
+
+def _watcher(source: ControlSource, code: str, metrics: PopMetrics) -> ControlWatcher:
+    import ssl
+
+    from egressd.pop.control_link import ControlWatcher
+
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per long poll
+    verify: ssl.SSLContext | bool = True
+    if source.ca is not None:
+        verify = ssl.create_default_context(cafile=str(source.ca))
+    return ControlWatcher(source.url, code, source.token, source.state_dir, metrics=metrics, verify=verify)
 
 
 def _read(path: Path) -> str:

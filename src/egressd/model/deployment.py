@@ -1,20 +1,22 @@
-"""The deployment file (TOML) -> a validated Snapshot, with every error located in the file.
+"""The deployment document -> a validated Snapshot, with every error located where it can be.
 
-Parsing is pure (text in, snapshot or errors out); reading the file is the caller's job.
-Type errors (a bad address, a missing key) and rule errors (R2, R3, ...) are collected
-together, so one `egressd config check` run shows everything that needs fixing.
+The same reader validates the deployment file (TOML, `load_deployment`, errors located by
+line) and the JSON document the control plane distributes to the PoPs (`load_document`,
+no lines). Parsing is pure (text or mapping in, snapshot or errors out); reading the file
+is the caller's job. Type errors (a bad address, a missing key) and rule errors (R2, R3,
+...) are collected together, so one `egressd config check` run shows everything that
+needs fixing.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from egressd.model.accounts import (
     Account,
@@ -26,9 +28,23 @@ from egressd.model.accounts import (
     Plan,
     User,
 )
-from egressd.model.addresses import IPNetwork
+from egressd.model.deployment_reader import (
+    ACCOUNT_KEYS,
+    DATA_CENTER_KEYS,
+    DEVICE_KEYS,
+    LOCATION_KEYS,
+    NETWORK_KEYS,
+    POLICY_KEYS,
+    QUARANTINE_KEYS,
+    ROUTE_KEYS,
+    SETTINGS_KEYS,
+    TOP_KEYS,
+    USER_KEYS,
+    Reader,
+    Table,
+    parse_ports,
+)
 from egressd.model.errors import ValidationError, ValidationIssue
-from egressd.model.lookup import normalise_hostname
 from egressd.model.policy import (
     DedicatedAction,
     EgressPolicy,
@@ -40,10 +56,23 @@ from egressd.model.routes import InNetworkOrigin, PrivateRoute, RouteKind
 from egressd.model.snapshot import DeploymentSettings, Quarantine, Snapshot, build_snapshot
 from egressd.model.topology import DataCenter
 
-T = TypeVar("T")
-_HOSTNAME = re.compile(
-    r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
-)
+__all__ = [
+    "ACCOUNT_KEYS",
+    "DATA_CENTER_KEYS",
+    "DEVICE_KEYS",
+    "LOCATION_KEYS",
+    "NETWORK_KEYS",
+    "POLICY_KEYS",
+    "ROUTE_KEYS",
+    "TOP_KEYS",
+    "USER_KEYS",
+    "DeploymentError",
+    "LocatedIssue",
+    "load_deployment",
+    "load_document",
+    "locate",
+    "parse_ports",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,200 +86,23 @@ class LocatedIssue:
 
 
 class DeploymentError(ValidationError):
-    """Validation issues of a deployment file, each with its line where it can be found."""
+    """Validation issues of a deployment document, each with its line in `text` where it
+    can be found (None without text: a JSON document has no lines worth naming)."""
 
-    def __init__(self, issues: list[ValidationIssue], text: str) -> None:
+    def __init__(self, issues: list[ValidationIssue], text: str | None = None) -> None:
         super().__init__(issues)
-        self.located = tuple(LocatedIssue(issue, locate(text, issue.path)) for issue in issues)
+        self.located = tuple(
+            LocatedIssue(issue, locate(text, issue.path) if text is not None else None)
+            for issue in issues
+        )
 
     def __str__(self) -> str:
         return "\n".join(str(item) for item in self.located)
 
 
-TOP_KEYS = {"deployment", "data_centers", "accounts", "in_network_origins", "quarantine"}
-DATA_CENTER_KEYS = {
-    "code",
-    "city",
-    "country",
-    "region",
-    "latitude",
-    "longitude",
-    "shared_ipv4",
-    "shared_ipv6",
-    "backbone",
-    "slot",
-}
-ACCOUNT_KEYS = {
-    "id",
-    "name",
-    "plan",
-    "network",
-    "locations",
-    "users",
-    "devices",
-    "policies",
-    "private_routes",
-}
-NETWORK_KEYS = {"proxy_tcp", "proxy_udp", "fallback"}
-LOCATION_KEYS = {"id", "pop", "ipv4", "ipv6", "state"}
-USER_KEYS = {"name", "groups"}
-DEVICE_KEYS = {"id", "user", "secret_sha256"}
-POLICY_KEYS = {
-    "id",
-    "name",
-    "users",
-    "groups",
-    "devices",
-    "destinations",
-    "ports",
-    "protocols",
-    "connected_pops",
-    "action",
-    "primary",
-    "secondary",
-    "ipv6",
-}
-ROUTE_KEYS = {"id", "kind", "via", "destinations"}
-
-
-class _Reader:
-    """Reads typed values out of the parsed TOML, recording an issue instead of raising."""
-
-    def __init__(self) -> None:
-        self.issues: list[ValidationIssue] = []
-
-    def known_keys(self, table: dict[str, Any], where: str, allowed: set[str]) -> None:
-        """An unknown key is an error: a misspelt selector would otherwise match everything."""
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                path = f"{where}.{key}" if where else key
-                self.issues.append(ValidationIssue(path, f"unknown key {key!r}{hint}"))
-
-    def table(self, parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-        value = parent.get(key, {})
-        if not isinstance(value, dict):
-            path = f"{where}.{key}" if where else key
-            self.issues.append(
-                ValidationIssue(path, f"expected a table ([{key}]), got {type(value).__name__}")
-            )
-            return {}
-        return value
-
-    def networks_only(self, table: dict[str, Any], key: str, where: str) -> tuple[IPNetwork, ...]:
-        networks, hostnames = self.destinations(self.strings(table, key, where), f"{where}.{key}")
-        for name in hostnames:
-            self.issues.append(
-                ValidationIssue(
-                    f"{where}.{key}",
-                    f"{name!r}: only addresses and CIDRs are allowed here, not hostnames",
-                )
-            )
-        return networks
-
-    def get(
-        self, table: dict[str, Any], key: str, where: str, kind: type[T], default: T | None = None
-    ) -> T | None:
-        if key not in table:
-            if default is None:
-                self.issues.append(ValidationIssue(f"{where}.{key}", "missing"))
-            return default
-        value = table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.issues.append(
-                ValidationIssue(
-                    f"{where}.{key}", f"expected {kind.__name__}, got {type(value).__name__}"
-                )
-            )
-            return default
-        return value
-
-    def convert(self, value: Any, where: str, parse: Callable[[Any], T], what: str) -> T | None:
-        if not isinstance(value, str):
-            shown = "nothing" if value is None else f"{type(value).__name__} {value!r}"
-            self.issues.append(
-                ValidationIssue(where, f"expected a {what} as a string, got {shown}")
-            )
-            return None
-        try:
-            return parse(value)
-        except (ValueError, TypeError) as exc:
-            self.issues.append(ValidationIssue(where, f"not a valid {what}: {value!r} ({exc})"))
-            return None
-
-    def strings(self, table: dict[str, Any], key: str, where: str) -> list[str]:
-        value = table.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            self.issues.append(ValidationIssue(f"{where}.{key}", "expected a list of strings"))
-            return []
-        return value
-
-    def tables(self, table: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
-        value = table.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            self.issues.append(
-                ValidationIssue(f"{where}{key}", "expected an array of tables ([[...]])")
-            )
-            return []
-        return value
-
-    def enum(
-        self, table: dict[str, Any], key: str, where: str, kind: Callable[[str], T], default: T
-    ) -> T:
-        raw = table.get(key)
-        if raw is None:
-            return default
-        try:
-            return kind(raw)
-        except ValueError:
-            choices = ", ".join(str(getattr(member, "value", member)) for member in kind)  # type: ignore[attr-defined]
-            self.issues.append(
-                ValidationIssue(f"{where}.{key}", f"{raw!r} is not one of: {choices}")
-            )
-            return default
-
-    def destinations(
-        self, values: list[str], where: str
-    ) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
-        networks: list[IPNetwork] = []
-        hostnames: list[str] = []
-        for value in values:
-            if any(char in value for char in "/:") or value.replace(".", "").isdigit():
-                network = self.convert(
-                    value, where, lambda v: ipaddress.ip_network(v, strict=True), "CIDR"
-                )
-                if network is not None:
-                    networks.append(network)
-            elif _HOSTNAME.match(normalise_hostname(value)):
-                hostnames.append(normalise_hostname(value))
-            else:
-                self.issues.append(
-                    ValidationIssue(where, f"not a CIDR or hostname pattern: {value!r}")
-                )
-        return tuple(networks), tuple(hostnames)
-
-
-def parse_ports(
-    values: list[str] | list[int], reader: _Reader, where: str
-) -> tuple[tuple[int, int], ...]:
-    ranges = []
-    for value in values:
-        text = str(value)
-        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", text)
-        if not match:
-            reader.issues.append(ValidationIssue(where, f"not a port or port range: {text!r}"))
-            continue
-        low = int(match.group(1))
-        high = int(match.group(2) or low)
-        ranges.append((low, high))
-    return tuple(ranges)
-
-
 def load_deployment(text: str, *, version: int = 1, now: datetime | None = None) -> Snapshot:
-    """Parse and validate a deployment file. Raises DeploymentError with every issue."""
+    """Parse and validate a deployment file (TOML). Raises DeploymentError with every
+    issue, located by line."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -259,7 +111,23 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
         if line:
             error.located = (LocatedIssue(error.issues[0], int(line.group(1))),)
         raise error from exc
-    reader = _Reader()
+    return _build(raw, version=version, now=now, text=text)
+
+
+def load_document(
+    raw: Mapping[str, Any], *, version: int, now: datetime | None = None
+) -> Snapshot:
+    """Validate a JSON-compatible deployment document (the schema of the deployment file;
+    quarantine `until` as an ISO-8601 string) into snapshot `version`. This is what a PoP
+    runs on the document the control plane sends. Raises DeploymentError (no lines)."""
+    if not isinstance(raw, Mapping):
+        issue = ValidationIssue("(document)", f"expected an object, got {type(raw).__name__}")
+        raise DeploymentError([issue])
+    return _build(raw, version=version, now=now, text=None)
+
+
+def _build(raw: Table, *, version: int, now: datetime | None, text: str | None) -> Snapshot:
+    reader = Reader()
     reader.known_keys(raw, "", TOP_KEYS)
     dcs = [
         _data_center(reader, table, index)
@@ -280,23 +148,16 @@ def load_deployment(text: str, *, version: int = 1, now: datetime | None = None)
     quarantine = []
     for table in reader.tables(raw, "quarantine", ""):
         where = f"quarantine[{table.get('address', '?')}]"
-        reader.known_keys(table, where, {"address", "released_by", "until"})
+        reader.known_keys(table, where, QUARANTINE_KEYS)
         address = reader.convert(
             table.get("address"), f"{where}.address", _address_or_network, "address"
         )
-        until = table.get("until")
-        if isinstance(until, datetime):
-            until = until if until.tzinfo else until.replace(tzinfo=UTC)
-        else:
-            reader.issues.append(ValidationIssue(f"{where}.until", "expected a TOML date-time"))
-            until = None
+        until = reader.timestamp(table, "until", where)
         released_by = reader.get(table, "released_by", where, str)
         if address is not None and until is not None and released_by is not None:
             quarantine.append(Quarantine(address=address, released_by=released_by, until=until))
     settings_table = reader.table(raw, "deployment", "")
-    reader.known_keys(
-        settings_table, "deployment", {"quarantine_days", "allow_destinations", "control_addresses"}
-    )
+    reader.known_keys(settings_table, "deployment", SETTINGS_KEYS)
     quarantine_days = reader.get(settings_table, "quarantine_days", "deployment", int, 30)
     if quarantine_days is not None and quarantine_days < 0:
         reader.issues.append(
@@ -334,7 +195,7 @@ def _address_or_network(value: Any) -> Any:
     return ipaddress.ip_network(value) if "/" in str(value) else ipaddress.ip_address(value)
 
 
-def _data_center(reader: _Reader, table: dict[str, Any], index: int) -> DataCenter | None:
+def _data_center(reader: Reader, table: Table, index: int) -> DataCenter | None:
     code = reader.get(table, "code", f"data_centers[{index}]", str)
     where = f"data_centers[{code or index}]"
     reader.known_keys(table, where, DATA_CENTER_KEYS)
@@ -380,7 +241,7 @@ def _data_center(reader: _Reader, table: dict[str, Any], index: int) -> DataCent
     )
 
 
-def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
+def _account(reader: Reader, table: Table) -> Account | None:
     account_id = reader.get(table, "id", "accounts[?]", str)
     where = f"accounts[{account_id}]"
     reader.known_keys(table, where, ACCOUNT_KEYS)
@@ -442,7 +303,7 @@ def _account(reader: _Reader, table: dict[str, Any]) -> Account | None:
     )
 
 
-def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> EgressPolicy | None:
+def _policy(reader: Reader, table: Table, account_where: str) -> EgressPolicy | None:
     pid = reader.get(table, "id", f"{account_where}.policies[?]", str)
     where = f"{account_where}.policies[{pid}]"
     reader.known_keys(table, where, POLICY_KEYS)
@@ -450,7 +311,7 @@ def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> Egres
         reader.strings(table, "destinations", where), f"{where}.destinations"
     )
     ports_raw = table.get("ports", [])
-    if not isinstance(ports_raw, list):
+    if not isinstance(ports_raw, list | tuple):
         reader.issues.append(
             ValidationIssue(f"{where}.ports", 'expected a list, e.g. ports = ["443", "8000-8080"]')
         )
@@ -461,7 +322,7 @@ def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> Egres
         devices=frozenset(reader.strings(table, "devices", where)),
         networks=networks,
         hostnames=hostnames,
-        ports=parse_ports(ports_raw, reader, f"{where}.ports"),
+        ports=parse_ports(list(ports_raw), reader, f"{where}.ports"),
         protocols=frozenset(reader.strings(table, "protocols", where)),
         connected_pops=frozenset(reader.strings(table, "connected_pops", where)),
     )
@@ -486,7 +347,7 @@ def _policy(reader: _Reader, table: dict[str, Any], account_where: str) -> Egres
     return EgressPolicy(id=pid, selector=selector, action=action, name=str(table.get("name", "")))
 
 
-def _routes(reader: _Reader, table: dict[str, Any]) -> list[PrivateRoute]:
+def _routes(reader: Reader, table: Table) -> list[PrivateRoute]:
     account_id = str(table.get("id", "?"))
     routes = []
     for route in reader.tables(table, "private_routes", f"accounts[{account_id}]."):

@@ -351,6 +351,7 @@ async def _local_endpoint(runtime: PopRuntime, io: ClientIO, head: RequestHead) 
         body = json.dumps({
             "pop": runtime.code, "status": "draining" if runtime.draining else "ok",
             "snapshot_version": snapshot.version, "active_tunnels": len(runtime.relays),
+            "config": runtime.state.config.health(),
         }).encode() + b"\n"
         await io.send(simple_response(200, "OK", body, headers=[("Content-Type", "application/json")], close=False))
     elif path == "/metrics":

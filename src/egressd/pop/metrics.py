@@ -47,6 +47,21 @@ class PopMetrics:
             "egressd_protocol_errors", "Malformed client input, by listener", ["pop", "listener"],
             registry=self.registry,
         )
+        # Configuration distribution (R14). With several workers each one watches the control
+        # plane: the lowest live worker's figure is the conservative one.
+        self.config_version = Gauge(
+            "egressd_config_version", "Version of the configuration snapshot in force",
+            ["pop"], registry=self.registry, multiprocess_mode="livemin",
+        )
+        self.control_plane_reachable = Gauge(
+            "egressd_control_plane_reachable",
+            "1 while the control plane answers the snapshot watch, 0 while it does not",
+            ["pop"], registry=self.registry, multiprocess_mode="livemin",
+        )
+        self.config_rejected = Counter(
+            "egressd_config_rejected", "Snapshots from the control plane that failed validation",
+            ["pop"], registry=self.registry,
+        )
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 from egressd.decide import Decision, Flow, HealthView, Path, decide
 from egressd.model.addresses import IPAddress
 from egressd.model.snapshot import Snapshot
+from egressd.pop.config_status import ConfigStatus
 from egressd.pop.flowlog import FlowLog, FlowRecord
 from egressd.pop.identity import Identity
 from egressd.pop.metrics import PopMetrics
@@ -80,16 +81,22 @@ class PopOptions:
 
 
 class StateHolder:
-    """The snapshot and health view in force; replaced atomically, read per flow."""
+    """The snapshot and health view in force; replaced atomically, read per flow.
+
+    `config` says where the snapshot came from (file, control plane, disk copy) for
+    /health; `pop/control_link.py` swaps in its own status when it feeds this holder."""
 
     def __init__(self, snapshot: Snapshot, view: HealthView) -> None:
         self.snapshot = snapshot
         self.view = view
         self.applied_at = time.time()
+        self.config = ConfigStatus(version=snapshot.version, applied_at=self.applied_at)
 
     def replace(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.applied_at = time.time()
+        self.config.version = snapshot.version
+        self.config.applied_at = self.applied_at
 
 
 _flow_counter = itertools.count(1)
