@@ -4,10 +4,17 @@ Three PoPs modelled on the seed's example (las, lax, jfk) on loopback addresses,
 origin, an enterprise account `acme` with dedicated egress in lax and jfk, a free account
 `globex`. PoP-to-PoP hand-off is in-process, through the same `Backbone` interface the
 mTLS backbone implements, delayed by the simulated RTT between the cities.
+
+The configuration lives in the control plane, on SQLite in the state directory, served on
+loopback: each PoP follows it through the same long poll and last-good disk copy as
+`egressd pop --control`, so a change through the API (or `egressd settings network ...`)
+is in force within 2 seconds. The embedded deployment seeds an empty store only; later
+starts keep what was changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import ipaddress
@@ -18,12 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from egressd.control.app import ControlSettings, create_app
+from egressd.control.auth import hash_token
+from egressd.control.bootstrap import ensure_admin_token, import_deployment, is_empty, issue_token
+from egressd.control.db import make_engine, migrate, sessions
+from egressd.control.server import ControlServer
+from egressd.control.tables import ApiTokenRow
 from egressd.decide import HealthView
 from egressd.echo.server import EchoServer
-from egressd.model.deployment import load_deployment
 from egressd.model.snapshot import Snapshot
 from egressd.model.topology import great_circle_km
 from egressd.pki import ensure_ca, ensure_server_cert
+from egressd.pop.control_link import ControlWatcher
 from egressd.pop.flowlog import FlowLog
 from egressd.pop.identity import hash_secret
 from egressd.pop.listeners import ListenerSpec
@@ -37,6 +52,7 @@ ROUTE_STRETCH = 1.5  # fibre paths are longer than great circles
 ECHO_HOST = "127.0.9.1"
 ECHO_NAME = "echo.egressd.test"
 DEVICES = {"acme": "acme-laptop", "globex": "globex-laptop"}
+POP_CODES = ("las", "lax", "jfk")
 
 
 def rtt_matrix(snapshot: Snapshot) -> dict[tuple[str, str], float]:
@@ -53,7 +69,7 @@ class ServeSettings:
     state_dir: Path = Path(".egressd")
     host: str = "127.0.0.1"
     port_base: int = 18080  # 0: every port ephemeral
-    acme_proxy_udp: bool = True
+    acme_proxy_udp: bool = True  # when the store is first seeded
     options: PopOptions = field(default_factory=PopOptions)
 
 
@@ -61,15 +77,22 @@ def _port(base: int, offset: int) -> int:
     return base + offset if base else 0
 
 
-def _secrets(path: Path) -> dict[str, str]:
-    """Device secrets of the demo accounts, created once and kept (mode 0600)."""
+def _secrets(path: Path) -> tuple[dict[str, str], bool]:
+    """Device secrets of the demo accounts, created once and kept (mode 0600); and whether
+    they were created just now."""
     with contextlib.suppress(OSError, ValueError):
         stored = json.loads(path.read_text())
         if isinstance(stored, dict) and all(isinstance(stored.get(a), str) for a in DEVICES):
-            return {account: stored[account] for account in DEVICES}
+            return {account: stored[account] for account in DEVICES}, False
     created = {account: secrets.token_urlsafe(18) for account in DEVICES}
     _write_private(path, json.dumps(created))
-    return created
+    return created, True
+
+
+def _read_token(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    return ""
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -97,13 +120,52 @@ class ServeStack:
         self.backbone = InProcessBackbone()
         self.flowlog: FlowLog | None = None
         self.info: dict[str, Any] = {}
+        self.control: ControlServer | None = None
+        self.watchers: list[ControlWatcher] = []
+
+    def _open_store(self, device_secrets: dict[str, str], fresh_secrets: bool) -> tuple[str, str]:
+        """The control plane's SQLite store: seeded from the embedded deployment when new
+        (or when the device secrets were just made), with an admin and a PoP token."""
+        state = self.settings.state_dir
+        url = f"sqlite:///{(state / 'control.db').resolve()}"
+        engine = make_engine(url)
+        try:
+            migrate(engine)
+            if fresh_secrets or is_empty(engine):
+                text = embedded_deployment(device_secrets,
+                                           acme_proxy_udp=self.settings.acme_proxy_udp)
+                import_deployment(engine, text, replace=True, source="egressd serve")
+            ensure_admin_token(engine, state / "admin.token")
+            pop_token = _read_token(state / "pop.token")
+            with sessions(engine)() as session:
+                known = pop_token and session.scalar(
+                    select(ApiTokenRow.id).where(ApiTokenRow.token_sha256 == hash_token(pop_token)))
+            if not known:
+                pop_token = issue_token(engine, name="serve-pops", scope="pop", account_id=None)
+                _write_private(state / "pop.token", pop_token + "\n")
+        finally:
+            engine.dispose()
+        return url, pop_token
 
     async def start(self) -> dict[str, Any]:
         settings = self.settings
         state = settings.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        device_secrets = _secrets(state / "secrets.json")
-        snapshot = load_deployment(embedded_deployment(device_secrets, acme_proxy_udp=settings.acme_proxy_udp))
+        device_secrets, fresh = _secrets(state / "secrets.json")
+        store_url, pop_token = await asyncio.to_thread(self._open_store, device_secrets, fresh)
+        self.control = ControlServer(create_app(ControlSettings(database_url=store_url,
+                                                                replica="serve")),
+                                     host="127.0.0.1", port=_port(settings.port_base, 5))
+        try:
+            await self.control.start()
+            watchers = [ControlWatcher(self.control.url, code, pop_token, state / "pops" / code,
+                                       wait=25, backoff=(0.05, 2.0)) for code in POP_CODES]
+            self.watchers = watchers
+            firsts = await asyncio.gather(*(w.first_snapshot(max_wait=30) for w in watchers))
+        except BaseException:
+            await self.close()
+            raise
+        snapshot = firsts[0]
         matrix = rtt_matrix(snapshot)
         self.backbone.rtt_ms = matrix
         view = HealthView(up=frozenset(snapshot.data_centers), rtt_ms=matrix)
@@ -119,8 +181,11 @@ class ServeStack:
             metrics = PopMetrics()
             resolver = Resolver(static={ECHO_NAME: [ipaddress.ip_address(ECHO_HOST)]})
             tls = server_tls_context(pop_cert.cert_path, pop_cert.key_path)
-            for index, code in enumerate(("las", "lax", "jfk"), start=1):
-                runtime = PopRuntime(code, StateHolder(snapshot, view), self.backbone.link(code), resolver,
+            for index, (code, watcher, first) in enumerate(zip(POP_CODES, self.watchers, firsts,
+                                                                 strict=True), start=1):
+                holder = StateHolder(first, view)
+                watcher.metrics = metrics
+                runtime = PopRuntime(code, holder, self.backbone.link(code), resolver,
                                      settings.options, self.flowlog, metrics)
                 self.backbone.pops[code] = runtime
                 specs = [ListenerSpec(settings.host, _port(settings.port_base, index * 10)),
@@ -128,10 +193,16 @@ class ServeStack:
                 server = PopServer(runtime, specs, tls_context=tls)
                 await server.start()
                 self.pops[code] = server
+                watcher.start(holder)
         except BaseException:
             await self.close()
             raise
+        await self._confirmed(snapshot.version)
         self.info = self._describe(snapshot, device_secrets, str(ca.cert_path))
+        assert self.control is not None
+        self.info["control"] = {"url": self.control.url, "admin_token": str(state / "admin.token"),
+                                "openapi": f"{self.control.url}/openapi.json",
+                                "geofeed": f"{self.control.url}/geofeed.csv"}
         for account_id, device in DEVICES.items():
             # curl reads the credentials from here, so the guide never prints a secret.
             _write_private(state / f"{account_id}.curlrc",
@@ -139,6 +210,20 @@ class ServeStack:
             self.info["accounts"][account_id]["curlrc"] = str(state / f"{account_id}.curlrc")
         _write_private(state / "serve.json", json.dumps(self.info, indent=2))
         return self.info
+
+    async def _confirmed(self, version: int, seconds: float = 10.0) -> None:
+        """Ready means every PoP has confirmed the version it runs to the control plane
+        (its next long poll is parked there)."""
+        assert self.control is not None
+        publisher = self.control.app.state.ctx.publisher
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            rows = await asyncio.to_thread(publisher.pop_statuses)
+            if {row.pop for row in rows if row.version >= version} >= set(POP_CODES):
+                await asyncio.sleep(0.05)  # let the parked polls reach their wait
+                return
+            await asyncio.sleep(0.02)
+        raise OSError("the PoPs did not confirm their configuration to the control plane")
 
     def _describe(self, snapshot: Snapshot, device_secrets: dict[str, str], ca_cert: str) -> dict[str, Any]:
         echo_port = self.echo.http_port
@@ -183,9 +268,15 @@ class ServeStack:
         await self.close()
 
     async def close(self) -> None:
+        for watcher in self.watchers:
+            await watcher.close()
+        self.watchers.clear()
         for server in self.pops.values():
             await server.close()
         self.pops.clear()
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         await self.echo.close()
         if self.flowlog is not None:
             self.flowlog.close()
@@ -205,6 +296,7 @@ def try_it(info: dict[str, Any]) -> list[str]:
     files (`-K`): the guide itself never prints a secret."""
     las = info["pops"]["las"]
     acme, globex = info["accounts"]["acme"], info["accounts"]["globex"]
+    control = info["control"]
     plain = las["http_proxy"]
     echo = info["echo"]["name"]
     return [
@@ -218,4 +310,8 @@ def try_it(info: dict[str, Any]) -> list[str]:
         f"curl -K {acme['curlrc']} --socks5-hostname {plain.removeprefix('http://')} {echo}",
         f"# every flow, one JSON line each: tail -f {info['flow_log']}",
         f"# PoP health and metrics: curl {las['health']}   curl {plain}/metrics",
+        "# the control plane (API token in admin.token; every change is in force within 2 s):",
+        f"egressd settings network acme --udp off --control {control['url']} "
+        f"--token-file {control['admin_token']}",
+        f"curl {control['geofeed']}   # and the API's OpenAPI: {control['openapi']}",
     ]

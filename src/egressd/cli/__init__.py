@@ -19,7 +19,8 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; a missing optional module must not break the rest.
-_COMMAND_MODULES = ("config_cmd", "echo_cmd", "serve_cmd", "pop_cmd")
+_COMMAND_MODULES = ("config_cmd", "echo_cmd", "serve_cmd", "pop_cmd", "control_cmd",
+                    "accounts_cmd", "network_cmd", "identity_cmd", "policy_cmd", "infra_cmd")
 
 
 def _register_all() -> None:
