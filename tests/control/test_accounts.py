@@ -152,3 +152,15 @@ def test_problem_documents_for_auth(world: Api) -> None:
     assert response.headers["www-authenticate"] == "Bearer"
     assert "token" in body["detail"]
     problem(world.client.get("/v1/accounts", headers={"Authorization": "Bearer nope"}), 401)
+
+
+def test_problem_fields_name_the_request_input(world: Api) -> None:
+    body = problem(world.put("/v1/settings", {"allow_destinations": ["not-a-net"]}), 422)
+    assert body["field"] == "allow_destinations.0"
+    body = problem(world.get("/v1/accounts", params={"limit": 0}), 422)
+    assert body["field"] == "limit"
+    body = problem(world.put("/v1/in-network-origins/cdn",
+                             {"name": "cdn", "destinations": ["300.1.2.3/8"]}), 422)
+    assert body["field"] == "destinations", body
+    assert world.post("/v1/accounts/acme/locations", {"ipv4": "203.0.113.20"}).status_code == 201
+    problem(world.delete("/v1/addresses/203.0.113.20"), 409, field="address", rule="R2")

@@ -19,7 +19,7 @@ from egressd.control.context import problem_if, record
 from egressd.control.deps import MAX_INT, NAME, SLUG, Caller, Ctx
 from egressd.control.document import aware, current_version
 from egressd.control.geofeed import geofeed_text
-from egressd.control.problems import conflict, invalid, not_found
+from egressd.control.problems import conflict, fields_of, invalid, not_found
 from egressd.control.tables import (
     AccountRow,
     AddressRow,
@@ -283,7 +283,8 @@ def remove_address(address: str, ctx: Ctx, caller: Caller) -> Response:
         holder = session.scalar(select(LocationRow.account_id).where(
             (LocationRow.ipv4 == canonical) | (LocationRow.ipv6 == canonical)))
         problem_if(holder is not None, conflict(
-            f"{canonical} is assigned to account {holder!r}: release it first", rule="R2"))
+            f"{canonical} is assigned to account {holder!r}: release it first", field="address",
+            rule="R2"))
         before = {"address": row.address, "kind": row.kind, "data_center": row.data_center}
         session.delete(row)
         record(session, caller, action="delete", resource=f"addresses/{canonical}",
@@ -361,9 +362,10 @@ def put_origin(name: Annotated[str, Path(max_length=64)], body: OriginIO, ctx: C
             session.add(row)
         else:
             row.destinations = body.destinations
-        record(session, caller, action="update" if before else "create",
-               resource=f"in-network-origins/{name}", account_id=None, before=before,
-               after={"destinations": body.destinations}, validate=[])
+        with fields_of(f"in_network_origins[{name}]"):
+            record(session, caller, action="update" if before else "create",
+                   resource=f"in-network-origins/{name}", account_id=None, before=before,
+                   after={"destinations": body.destinations}, validate=[])
         return body
 
 

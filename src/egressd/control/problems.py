@@ -130,6 +130,15 @@ def problem_response(problem: Problem, request: Request) -> JSONResponse:
     )
 
 
+def _field_of(location: Any) -> str:
+    """pydantic's error location as the client's field: `allow_destinations.0`, without the
+    request part ("body", "query") and without its internal union labels ("function-plain[...]")."""
+    parts = [str(part) for part in location]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(part for part in parts if "[" not in part and "-or-" not in part)
+
+
 def install(app: FastAPI) -> None:
     """Make every error of the app, FastAPI's own included, a problem document."""
 
@@ -141,7 +150,7 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {
-                "field": ".".join(str(part) for part in error.get("loc", ()) if part != "body"),
+                "field": _field_of(error.get("loc", ())),
                 "detail": str(error.get("msg", "invalid")),
             }
             for error in exc.errors()
