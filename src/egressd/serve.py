@@ -39,6 +39,7 @@ from egressd.model.snapshot import Snapshot
 from egressd.model.topology import great_circle_km
 from egressd.pki import ensure_ca, ensure_server_cert
 from egressd.pop.control_link import ControlWatcher
+from egressd.pop.flow_shipper import FlowShipper
 from egressd.pop.flowlog import FlowLog
 from egressd.pop.identity import hash_secret
 from egressd.pop.listeners import ListenerSpec
@@ -122,6 +123,7 @@ class ServeStack:
         self.info: dict[str, Any] = {}
         self.control: ControlServer | None = None
         self.watchers: list[ControlWatcher] = []
+        self.shipper: FlowShipper | None = None
 
     def _open_store(self, device_secrets: dict[str, str], fresh_secrets: bool) -> tuple[str, str]:
         """The control plane's SQLite store: seeded from the embedded deployment when new
@@ -178,6 +180,10 @@ class ServeStack:
                                   h3_port=_port(settings.port_base, 1),
                                   certfile=str(echo_cert.cert_path), keyfile=str(echo_cert.key_path))
             self.flowlog = FlowLog.to_path(str(state / "flows.jsonl"))
+            assert self.control is not None
+            self.shipper = FlowShipper(self.control.url, pop_token, interval=0.2)
+            self.flowlog.sinks.append(self.shipper)  # the dashboard's live tail
+            self.shipper.start()
             metrics = PopMetrics()
             resolver = Resolver(static={ECHO_NAME: [ipaddress.ip_address(ECHO_HOST)]})
             tls = server_tls_context(pop_cert.cert_path, pop_cert.key_path)
@@ -268,6 +274,9 @@ class ServeStack:
         await self.close()
 
     async def close(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.close()
+            self.shipper = None
         for watcher in self.watchers:
             await watcher.close()
         self.watchers.clear()

@@ -22,6 +22,7 @@ from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
 
 if TYPE_CHECKING:
     from egressd.pop.control_link import ControlWatcher
+    from egressd.pop.flow_shipper import FlowShipper
     from egressd.pop.flowlog import FlowLog
     from egressd.pop.metrics import PopMetrics
     from egressd.pop.runtime import StateHolder
@@ -321,12 +322,21 @@ async def _serve_pop(
             await watcher.close()
         stopped.cancel()
         raise SystemExit(2) from exc
+    shipper: FlowShipper | None = None
     if watcher is not None:
         watcher.start(state)
+        assert isinstance(source, ControlSource)
+        from egressd.pop.flow_shipper import FlowShipper
+
+        shipper = FlowShipper(source.url, source.token, verify=watcher.verify)
+        flowlog.sinks.append(shipper)  # the dashboard's live tail
+        shipper.start()
 
     reason = await stopped
     log.info("%s: draining for up to %g s", reason, grace)
     await server.drain(grace)
+    if shipper is not None:
+        await shipper.close()
     if watcher is not None:
         await watcher.close()
     flowlog.close()

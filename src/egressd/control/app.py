@@ -16,6 +16,7 @@ from egressd import __version__
 from egressd.control import (
     api_accounts,
     api_enrollment,
+    api_flows,
     api_identity,
     api_infra,
     api_policies,
@@ -23,6 +24,7 @@ from egressd.control import (
 )
 from egressd.control.context import ControlContext
 from egressd.control.db import make_engine, migrate, sessions
+from egressd.control.flowfeed import FlowFeed
 from egressd.control.publisher import Publisher
 
 log = logging.getLogger("egressd.control")
@@ -60,6 +62,7 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     )
     app.state.ctx = ControlContext(sessions=factory, publisher=publisher)
     app.state.engine = engine
+    app.state.flows = FlowFeed()
     problems.install(app)
     app.include_router(api_infra.router)
     app.include_router(api_infra.public)
@@ -67,5 +70,6 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.include_router(api_identity.router)
     app.include_router(api_enrollment.router)
     app.include_router(api_policies.router)
+    app.include_router(api_flows.router)
     return app
 

@@ -104,7 +104,8 @@ def integrity_problem(error: IntegrityError) -> Problem:
     name = getattr(diag, "constraint_name", None)
     value = None
     if name is None:  # SQLite: "UNIQUE constraint failed: locations.ipv4"
-        _, _, name = str(error.orig).partition("constraint failed: ")
+        message = str(error.orig)
+        name = message.partition("constraint failed: ")[2] if message.startswith("UNIQUE") else ""
     elif (match := _PG_KEY.search(getattr(diag, "message_detail", None) or "")) is not None:
         value = match["value"] if "," not in match["columns"] else None
     known = CONSTRAINTS.get(name.strip())

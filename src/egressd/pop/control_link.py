@@ -112,6 +112,7 @@ class ControlWatcher:
         # Logged and shown in /health: never with userinfo, query or fragment.
         self.display_url = str(url.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
         self.pop = pop
+        self.verify = verify  # the flow shipper talks to the same control plane
         self.path = Path(state_dir) / SNAPSHOT_FILE
         self.wait = int(min(max(wait, 1), MAX_WAIT))  # whole seconds, 1..30
         self.metrics = metrics

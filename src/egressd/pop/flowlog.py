@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -77,6 +78,8 @@ class FlowLog:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.written = 0
+        # Also handed each record (the shipper to the control plane's live feed).
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
 
     @classmethod
     def disabled(cls) -> FlowLog:
@@ -84,11 +87,15 @@ class FlowLog:
         return cls(enabled=False)
 
     def write(self, record: FlowRecord) -> None:
-        if not self.enabled:
+        if not self.enabled and not self.sinks:
             return
-        self._stream.write(json.dumps(record.as_json(), separators=(",", ":")) + "\n")
-        self._stream.flush()
-        self.written += 1
+        data = record.as_json()
+        if self.enabled:
+            self._stream.write(json.dumps(data, separators=(",", ":")) + "\n")
+            self._stream.flush()
+            self.written += 1
+        for sink in self.sinks:
+            sink(data)
 
     @classmethod
     def to_path(cls, path: str) -> FlowLog:
