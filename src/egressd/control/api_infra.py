@@ -8,7 +8,7 @@ import ipaddress
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -535,7 +535,7 @@ def version(ctx: Ctx, caller: Caller) -> VersionOut:
 
 @router.get("/snapshot", responses={204: {"description": "No newer version within `wait`"}})
 async def snapshot(
-    ctx: Ctx, caller: Caller,
+    request: Request, ctx: Ctx, caller: Caller,
     after: Annotated[int, Query(ge=0, le=MAX_INT, description="The version the PoP runs (its confirmation)")] = 0,
     pop: Annotated[str | None, Query(pattern=r"^[a-z0-9]{2,16}$")] = None,
     wait: Annotated[float, Query(ge=0, le=30, description="Seconds to wait for a newer one")] = 0,
@@ -547,8 +547,11 @@ async def snapshot(
     published = await ctx.publisher.wait_newer(after, wait)
     if published is None:
         return Response(status_code=204)
-    return Response(published.body, media_type="application/json",
-                    headers={"X-Egressd-Version": str(published.version)})
+    headers = {"X-Egressd-Version": str(published.version), "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return Response(published.gzipped, media_type="application/json", headers=headers)
+    return Response(published.body, media_type="application/json", headers=headers)
 
 
 @public.get("/geofeed.csv", response_class=PlainTextResponse)

