@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from egressd.control.app import ControlSettings, create_app
 from egressd.control.auth import create_token
@@ -66,14 +68,28 @@ def postgres_database() -> Iterator[str]:
         pytest.skip("EGRESSD_TEST_POSTGRES_URL is not set (./scripts/test starts PostgreSQL as root)")
     name = f"egressd_test_{secrets.token_hex(6)}"
     admin = create_engine(normalise_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    for attempt in range(5):  # CREATE DATABASE fails while another copies template1
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+            break
+        except DBAPIError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     base, _, _ = normalise_url(POSTGRES_URL).rpartition("/")
     try:
         yield f"{base}/{name}"
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for attempt in range(5):  # an autovacuum worker may hold it for a moment
+            try:
+                with admin.connect() as connection:
+                    connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                break
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         admin.dispose()
 
 
