@@ -20,7 +20,9 @@ from egressd.control import (
     api_identity,
     api_infra,
     api_policies,
+    api_ui,
     problems,
+    ui,
 )
 from egressd.control.context import ControlContext
 from egressd.control.db import make_engine, migrate, sessions
@@ -70,6 +72,8 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.include_router(api_identity.router)
     app.include_router(api_enrollment.router)
     app.include_router(api_policies.router)
+    app.include_router(api_ui.router)
+    app.include_router(ui.router)
     app.include_router(api_flows.router)
     return app
 
