@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
+from egressd.pop.admission import AdmissionLimits
 
 if TYPE_CHECKING:
     from egressd.pop.control_link import ControlWatcher
@@ -75,6 +76,11 @@ def pop(
     handshake_timeout: float = typer.Option(10.0, "--handshake-timeout", help="Seconds a client has to finish its request."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", help="Seconds an idle tunnel is kept."),
     max_lifetime: float = typer.Option(0.0, "--max-lifetime", help="Seconds a tunnel may live at most, busy or not; 0: no limit."),
+    max_handshakes_per_source: int = typer.Option(64, "--max-handshakes-per-source", min=0, help="Connections from one address that may be unfinished (no complete request yet) at once; more are closed at accept (slowloris). 0: no limit."),
+    max_connections_per_source: int = typer.Option(1024, "--max-connections-per-source", min=0, help="TLS listener: connections from one address at once. 0: no limit."),
+    max_flows_per_source: int = typer.Option(4096, "--max-flows-per-source", min=0, help="TCP flows from one address at once (per worker); more get 429 / SOCKS5 'not allowed'. 0: no limit."),
+    max_flows_per_account: int = typer.Option(10000, "--max-flows-per-account", min=0, help="TCP flows of one account at once (per worker). 0: no limit."),
+    auth_failures_per_source: int = typer.Option(30, "--auth-failures-per-source", min=0, help="Failed logins from one address per minute; past it, every attempt from it is refused until the minute ends. 0: no limit."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds flows may finish after SIGTERM."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
@@ -107,12 +113,17 @@ def pop(
         if not sep or not name:
             raise typer.BadParameter(f"expected NAME=IP, got {item!r}", param_hint="--host")
 
+    limits = AdmissionLimits(
+        max_handshakes_per_source=max_handshakes_per_source,
+        max_connections_per_source=max_connections_per_source,
+        max_flows_per_source=max_flows_per_source, max_flows_per_account=max_flows_per_account,
+        auth_failures_per_source=auth_failures_per_source)
     hold_signals()
 
     def child() -> None:
         run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
-                               grace, workers > 1))
+                               grace, workers > 1, limits))
 
     if workers == 1:
         child()
@@ -248,7 +259,7 @@ async def _serve_pop(
     cert: Path | None, key: Path | None, flow_log: str,
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
-    max_lifetime: float | None, grace: float, reuse_port: bool,
+    max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -305,7 +316,7 @@ async def _serve_pop(
     # Until the backbone lands, a standalone PoP reaches only itself (R11 applies to the rest).
     view = HealthView(up=frozenset({code}))
     options = PopOptions(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
-                         idle_timeout=idle_timeout, max_lifetime=max_lifetime)
+                         idle_timeout=idle_timeout, max_lifetime=max_lifetime, limits=limits)
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
     runtime = PopRuntime(code, state, NoBackbone(), Resolver(static=statics), options, flowlog, metrics)

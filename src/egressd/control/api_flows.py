@@ -74,7 +74,7 @@ async def tail_flows(
         mark = feed.last  # every record up to here is considered by this page
         flows = [flow for flow in feed.since(after, keep, limit) if flow["seq"] <= mark]
         remaining = deadline - asyncio.get_running_loop().time()
-        if flows or remaining <= 0:
+        if flows or remaining <= 0 or feed.closing or await request.is_disconnected():
             return FlowPage(next=mark, flows=flows)
-        await feed.wait(mark, remaining)
+        await feed.wait(mark, min(remaining, 1.0))  # a closed tab ends its poll within 1 s
         after = mark

@@ -20,6 +20,7 @@ class FlowFeed:
         self._last = 0
         self._changed = asyncio.Condition()
         self.received = 0
+        self.closing = False
 
     @property
     def last(self) -> int:
@@ -43,12 +44,18 @@ class FlowFeed:
         return found[-limit:]
 
     async def wait(self, after: int, seconds: float) -> None:
-        """Until a record newer than `after` exists, or `seconds` pass."""
-        if self._last > after or seconds <= 0:
+        """Until a record newer than `after` exists, `seconds` pass, or the feed closes."""
+        if self._last > after or seconds <= 0 or self.closing:
             return
         try:
             async with asyncio.timeout(seconds), self._changed:
-                while self._last <= after:
+                while self._last <= after and not self.closing:
                     await self._changed.wait()
         except TimeoutError:
             return
+
+    async def release_waiters(self) -> None:
+        """The server is stopping: answer every parked tail now."""
+        self.closing = True
+        async with self._changed:
+            self._changed.notify_all()

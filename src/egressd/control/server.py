@@ -66,6 +66,9 @@ class ControlServer:
         ctx = getattr(self.app.state, "ctx", None)
         if ctx is not None:
             await ctx.publisher.release_waiters()
+        flows = getattr(self.app.state, "flows", None)
+        if flows is not None:
+            await flows.release_waiters()
         self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)

@@ -39,6 +39,7 @@ class FlowRecord:
     outcome: str = "ok"  # ok, refused, auth-failed, upstream-error, protocol-error
     closed_by: str | None = None
     error: str | None = None
+    admitted: tuple[str, str] | None = None  # (account, source) holding a flow slot
 
     def as_json(self) -> dict[str, Any]:
         decision = self.decision

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from egressd.pop.flowlog import FlowRecord
-from egressd.pop.identity import Identity, authenticate
+from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
@@ -449,7 +449,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
             return
         runtime = self.runtime
         snapshot = runtime.state.snapshot
-        identity = authenticate(snapshot, head.proxy_credentials)
+        identity = runtime.authenticate(head.proxy_credentials, self.peer)
         if identity is None:
             log_auth_failure(runtime, self.peer, head)
             keep = head.keep_alive and not head.body.has_body

@@ -33,7 +33,7 @@ from egressd.pop.http_forward import (
     protocol_error_response,
     start_record,
 )
-from egressd.pop.identity import Identity, authenticate
+from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
@@ -131,7 +131,7 @@ async def _serve(
                 detached = await serve_forward(runtime, io.sock, io.peer, reader, head,
                                                forward_connections)
                 return True if detached is None else detached
-            identity = authenticate(runtime.state.snapshot, head.proxy_credentials)
+            identity = runtime.authenticate(head.proxy_credentials, io.peer)
             if identity is None:
                 log_auth_failure(runtime, io.peer, head)
                 keep = head.keep_alive and not head.body.has_body

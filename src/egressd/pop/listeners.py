@@ -21,6 +21,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from egressd.pop.admission import PeerSet, SourceCounter
 from egressd.pop.client_io import ClientIO, SocketIO, StreamIO, guarded
 from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.http_proxy import serve_http
@@ -77,7 +78,8 @@ class Listener:
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.handshakes: set[PlainHandshake] = set()
+        self.handshakes: PeerSet[PlainHandshake] = PeerSet()
+        self.tls_connections = SourceCounter(runtime.options.limits.max_connections_per_source)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.forward_connections: set[ForwardProxyProtocol] = set()
         self.address: tuple[str, int] = (spec.host, spec.port)
@@ -104,6 +106,7 @@ class Listener:
         if self.sock is None or self.loop is None:
             return
         loop, sniff = self.loop, self.spec.socks5
+        cap = self.runtime.options.limits.max_handshakes_per_source
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 conn, peer = self.sock.accept()
@@ -112,6 +115,12 @@ class Listener:
             except OSError as exc:  # EMFILE and friends: log, keep the listener
                 log.warning("accept on %s failed: %s", self.url, exc)
                 return
+            if cap and self.handshakes.per_source[peer[0]] >= cap:
+                # A source with this many unfinished requests is stalling us: close at
+                # once, before the connection costs a buffer or a timer (slowloris).
+                self.runtime.refuse("handshakes-per-source")
+                conn.close()
+                continue
             try:
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -140,7 +149,16 @@ class Listener:
         if task is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        await self._serve(StreamIO(reader, writer), sniff=False)
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        if not self.tls_connections.try_acquire(source):
+            self.runtime.refuse("connections-per-source")
+            writer.transport.abort()
+            return
+        try:
+            await self._serve(StreamIO(reader, writer), sniff=False)
+        finally:
+            self.tls_connections.release(source)
 
     async def _serve(self, io: ClientIO, *, sniff: bool) -> None:
         try:

@@ -43,6 +43,11 @@ class PopMetrics:
             "egressd_auth_failures", "Rejected device credentials", ["pop", "listener"],
             registry=self.registry,
         )
+        self.admission_refused = Counter(
+            "egressd_admission_refused", "Connections and flows refused by a cap, by reason "
+            "(handshakes-per-source, connections-per-source, flows-per-account, "
+            "flows-per-source, auth-rate)", ["pop", "reason"], registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "egressd_protocol_errors", "Malformed client input, by listener", ["pop", "listener"],
             registry=self.registry,

@@ -44,10 +44,11 @@ from typing import Any, Final, Protocol
 
 from egressd.decide import Decision
 from egressd.model.addresses import IPAddress
+from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_forward import failure_response, start_record
-from egressd.pop.identity import Identity, authenticate
+from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.socks_proxy import log_auth_failure, serve_request
@@ -90,7 +91,7 @@ class HandshakeOwner(Protocol):
     """What a handshake needs of its listener."""
 
     runtime: PopRuntime
-    handshakes: set[PlainHandshake]
+    handshakes: PeerSet[PlainHandshake]
 
     def spawn(self, coro: Coroutine[Any, Any, None], *owned: socket.socket) -> None:
         """Run `coro` as a task the listener owns (cancelled and awaited on close); the
@@ -185,7 +186,9 @@ class PlainHandshake:
             return
         if head is None:
             return
-        identity = authenticate(runtime.state.snapshot, head.proxy_credentials) if head.is_connect else None
+        # The coroutine path answers (and counts) a failure: not counted here too.
+        identity = (runtime.authenticate(head.proxy_credentials, self.peer, count_failure=False)
+                    if head.is_connect else None)
         if identity is None:  # not a CONNECT, or a 407 to answer: the coroutine path
             io = self._socket_io()
             if io is not None:
@@ -224,7 +227,7 @@ class PlainHandshake:
                 self._close()
                 return
             if isinstance(event, CredentialsReceived):
-                self.identity = authenticate(runtime.state.snapshot, (event.username, event.password))
+                self.identity = runtime.authenticate((event.username, event.password), self.peer)
                 if self.identity is None:
                     log_auth_failure(runtime, self.peer, event.username)
                     self._send(server.reject_credentials())
@@ -271,7 +274,7 @@ class PlainHandshake:
         self._cancel_timer()
         try:
             direct = runtime.direct_candidate(identity, host, port, record)
-        except FlowRefused as exc:
+        except (FlowRefused, UpstreamError) as exc:
             self._connect_failed(exc)
             return
         if direct is None:  # a name, several candidates, or a path that awaits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import socket
 import time
@@ -23,9 +24,10 @@ from prometheus_client import Counter, Histogram
 from egressd.decide import Decision, Flow, HealthView, Path, decide
 from egressd.model.addresses import IPAddress
 from egressd.model.snapshot import Snapshot
+from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
 from egressd.pop.flowlog import FlowLog, FlowRecord
-from egressd.pop.identity import Identity
+from egressd.pop.identity import Identity, authenticate
 from egressd.pop.metrics import PopMetrics
 from egressd.pop.relay import PipePool, RelayRegistry
 from egressd.pop.resolver import ResolveError, Resolver
@@ -38,6 +40,8 @@ from egressd.pop.upstream import (
     make_udp_socket,
 )
 from egressd.protocols.proxy_v2 import encode_proxy_v2
+
+log = logging.getLogger("egressd.pop")
 
 
 class FlowRefused(Exception):
@@ -78,6 +82,7 @@ class PopOptions:
     udp_idle_timeout: float = 60.0
     via: str = "egressd"
     sockets: SocketOptions = field(default_factory=SocketOptions)
+    limits: AdmissionLimits = field(default_factory=AdmissionLimits)
 
 
 class StateHolder:
@@ -152,13 +157,58 @@ class PopRuntime:
         self._bytes_up = metrics.bytes.labels(code, "up")
         self._bytes_down = metrics.bytes.labels(code, "down")
         self.active_tcp = metrics.active.labels(code, "tcp")
+        limits = options.limits
+        self.auth_throttle = AuthThrottle(limits.auth_failures_per_source, limits.auth_failure_window)
+        self.flows_per_source = SourceCounter(limits.max_flows_per_source)
+        self.flows_per_account = SourceCounter(limits.max_flows_per_account)
+        self._refusals = metrics.admission_refused
+
+    def refuse(self, reason: str) -> None:
+        """Count an admission refusal (handshake, flow or authentication cap)."""
+        self._refusals.labels(self.code, reason).inc()
+
+    def authenticate(self, credentials: tuple[str, str] | None, peer: tuple[str, int], *,
+                     count_failure: bool = True) -> Identity | None:
+        """Check credentials (every connection and request, constant time), unless this
+        source is past its authentication-failure limit: then refuse without checking."""
+        if credentials is None:
+            return None  # no credentials yet: the 407 challenge, not a failure
+        source = peer[0]
+        if self.auth_throttle.blocked(source):
+            self.refuse("auth-rate")
+            return None
+        identity = authenticate(self.state.snapshot, credentials)
+        if identity is None and count_failure and self.auth_throttle.failed(source):
+            log.warning("authentication: %s reached %d failures in %g s; refusing its "
+                        "attempts until the window ends", source, self.auth_throttle.limit,
+                        self.auth_throttle.window)
+        return identity
 
     def new_record(self, protocol: str, client: tuple[str, int] | tuple[str, int, int, int]) -> FlowRecord:
         return FlowRecord(flow_id=new_flow_id(self.code), protocol=protocol,
                           connected_pop=self.code, client=f"{client[0]}:{client[1]}")
 
+    def admit(self, record: FlowRecord, identity: Identity) -> None:
+        """Take a flow slot for the account and the source address, or raise (429)."""
+        source = record.client.rpartition(":")[0]
+        if not self.flows_per_account.try_acquire(identity.account):
+            self.refuse("flows-per-account")
+            raise UpstreamError(f"account {identity.account!r} has too many flows open",
+                                status=429, socks_reply=0x02)
+        if not self.flows_per_source.try_acquire(source):
+            self.flows_per_account.release(identity.account)
+            self.refuse("flows-per-source")
+            raise UpstreamError(f"{source} has too many flows open", status=429,
+                                socks_reply=0x02)
+        record.admitted = (identity.account, source)
+
     def finish(self, record: FlowRecord) -> None:
         """Write the flow's log line and count it. Called exactly once per flow."""
+        if record.admitted is not None:
+            account, source = record.admitted
+            record.admitted = None
+            self.flows_per_account.release(account)
+            self.flows_per_source.release(source)
         self.flowlog.write(record)
         decision = record.decision
         key = (record.protocol, decision.egress.value if decision else "none",
@@ -237,7 +287,10 @@ class PopRuntime:
 
     def _candidates(self, identity: Identity, host: str, port: int, addresses: tuple[IPAddress, ...],
                     record: FlowRecord) -> list[tuple[IPAddress, Decision]]:
-        """Decide per address (RFC 8305 order); the usable ones, or FlowRefused."""
+        """Decide per address (RFC 8305 order); the usable ones, or FlowRefused. Takes the
+        flow's admission slot first (UpstreamError 429 past a cap)."""
+        if record.admitted is None:
+            self.admit(record, identity)
         hostname = None if _is_literal(host, addresses) else host
         record.hostname = hostname
         candidates: list[tuple[IPAddress, Decision]] = []

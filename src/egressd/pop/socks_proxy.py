@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 from egressd.pop.client_io import ClientIO, start_tunnel
-from egressd.pop.identity import Identity, authenticate
+from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.udp_relay import UdpAssociation
 from egressd.pop.upstream import UpstreamError
@@ -50,7 +50,7 @@ async def serve_socks5(runtime: PopRuntime, io: ClientIO, initial: bytes) -> boo
                             await io.send(out)
                         return False
                     if isinstance(event, CredentialsReceived):
-                        identity = authenticate(runtime.state.snapshot, (event.username, event.password))
+                        identity = runtime.authenticate((event.username, event.password), io.peer)
                         if identity is None:
                             log_auth_failure(runtime, io.peer, event.username)
                             await io.send(server.reject_credentials())

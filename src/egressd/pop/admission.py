@@ -1,0 +1,148 @@
+"""Admission: caps that keep one source or one account from taking the PoP (issue 9).
+
+- Concurrent handshakes per source address (connections that have not finished their
+  first request): a slowloris from one address gets `max_handshakes_per_source` slots, then
+  its new connections are closed at accept, before they cost a buffer or a timer.
+- Concurrent flows per account and per source address, checked before the upstream connect.
+- Authentication failures per source address in a fixed window: past the limit, every
+  attempt from that address is refused without looking at the credentials until the
+  window ends — a guessing client gains nothing from the PoP's speed. Credentials are
+  still checked on every connection and request; nothing is cached per address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """0 disables a limit."""
+
+    max_handshakes_per_source: int = 64
+    max_connections_per_source: int = 1024  # TLS listener: whole connections
+    max_flows_per_source: int = 4096
+    max_flows_per_account: int = 10_000
+    auth_failures_per_source: int = 30
+    auth_failure_window: float = 60.0
+
+
+class HasPeer(Protocol):
+    @property
+    def peer(self) -> tuple[str, int]: ...
+
+
+T = TypeVar("T", bound=HasPeer)
+
+
+class PeerSet(Generic[T]):
+    """A set of connections that also counts them per source address."""
+
+    __slots__ = ("_items", "per_source")
+
+    def __init__(self) -> None:
+        self._items: set[T] = set()
+        self.per_source: Counter[str] = Counter()
+
+    def add(self, item: T) -> None:
+        if item not in self._items:
+            self._items.add(item)
+            self.per_source[item.peer[0]] += 1
+
+    def discard(self, item: T) -> None:
+        if item in self._items:
+            self._items.remove(item)
+            source = item.peer[0]
+            left = self.per_source[source] - 1
+            if left > 0:
+                self.per_source[source] = left
+            else:
+                del self.per_source[source]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+
+class SourceCounter:
+    """Counts held by keys (a source address, an account), with a cap."""
+
+    __slots__ = ("_counts", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: Counter[str] = Counter()
+
+    def try_acquire(self, key: str) -> bool:
+        if self.limit and self._counts[key] >= self.limit:
+            return False
+        self._counts[key] += 1
+        return True
+
+    def release(self, key: str) -> None:
+        left = self._counts[key] - 1
+        if left > 0:
+            self._counts[key] = left
+        else:
+            self._counts.pop(key, None)
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+class AuthThrottle:
+    """Authentication failures per source in fixed windows; bounded memory."""
+
+    MAX_SOURCES = 65_536
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, tuple[float, int]] = {}
+
+    def blocked(self, source: str, now: float | None = None) -> bool:
+        if not self.limit:
+            return False
+        entry = self._failures.get(source)
+        if entry is None:
+            return False
+        started, count = entry
+        now = time.monotonic() if now is None else now
+        if now - started >= self.window:
+            del self._failures[source]
+            return False
+        return count >= self.limit
+
+    def failed(self, source: str, now: float | None = None) -> bool:
+        """Count a failure; True if this one reached the limit (log it once)."""
+        if not self.limit:
+            return False
+        now = time.monotonic() if now is None else now
+        started, count = self._failures.get(source, (now, 0))
+        if now - started >= self.window:
+            started, count = now, 0
+        if len(self._failures) >= self.MAX_SOURCES and source not in self._failures:
+            self._prune(now)
+        self._failures[source] = (started, count + 1)
+        return count + 1 == self.limit
+
+    def _prune(self, now: float) -> None:
+        expired = [key for key, (started, _) in self._failures.items()
+                   if now - started >= self.window]
+        for key in expired:
+            del self._failures[key]
+        if len(self._failures) >= self.MAX_SOURCES:  # a flood of sources: forget the oldest
+            for key in list(self._failures)[: len(self._failures) // 2]:
+                del self._failures[key]
