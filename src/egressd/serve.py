@@ -41,6 +41,7 @@ from egressd.pki import ensure_ca, ensure_server_cert
 from egressd.pop.control_link import ControlWatcher
 from egressd.pop.flow_shipper import FlowShipper
 from egressd.pop.flowlog import FlowLog
+from egressd.pop.health_report import HealthReporter
 from egressd.pop.identity import hash_secret
 from egressd.pop.listeners import ListenerSpec
 from egressd.pop.metrics import PopMetrics
@@ -124,6 +125,7 @@ class ServeStack:
         self.control: ControlServer | None = None
         self.watchers: list[ControlWatcher] = []
         self.shipper: FlowShipper | None = None
+        self.reporter: HealthReporter | None = None
 
     def _open_store(self, device_secrets: dict[str, str], fresh_secrets: bool) -> tuple[str, str]:
         """The control plane's SQLite store: seeded from the embedded deployment when new
@@ -187,9 +189,10 @@ class ServeStack:
             metrics = PopMetrics()
             resolver = Resolver(static={ECHO_NAME: [ipaddress.ip_address(ECHO_HOST)]})
             tls = server_tls_context(pop_cert.cert_path, pop_cert.key_path)
+            holders: dict[str, StateHolder] = {}
             for index, (code, watcher, first) in enumerate(zip(POP_CODES, self.watchers, firsts,
                                                                  strict=True), start=1):
-                holder = StateHolder(first, view)
+                holder = holders[code] = StateHolder(first, view)
                 watcher.metrics = metrics
                 runtime = PopRuntime(code, holder, self.backbone.link(code), resolver,
                                      settings.options, self.flowlog, metrics)
@@ -203,6 +206,9 @@ class ServeStack:
         except BaseException:
             await self.close()
             raise
+        self.reporter = HealthReporter(self.control.url, pop_token, holders, interval=1.0)
+        await self.reporter.report_once()  # the dashboard has RTTs from the start
+        self.reporter.start()
         await self._confirmed(snapshot.version)
         self.info = self._describe(snapshot, device_secrets, str(ca.cert_path))
         assert self.control is not None
@@ -274,6 +280,9 @@ class ServeStack:
         await self.close()
 
     async def close(self) -> None:
+        if self.reporter is not None:
+            await self.reporter.close()
+            self.reporter = None
         if self.shipper is not None:
             await self.shipper.close()
             self.shipper = None

@@ -274,8 +274,8 @@ def test_lists_and_queries_show_only_the_callers_account(world: Api, acme: dict[
     assert api.get("/v1/accounts/acme", acme["token"]).status_code == 200
 
 
-# What a PoP token exists for: pushing its flows to the live feed.
-POP_WRITES = {"POST /v1/flows"}
+# What a PoP token exists for: pushing its flows and its view of the backbone.
+POP_WRITES = {"POST /v1/flows", "PUT /v1/pops/{pop}/health"}
 
 
 def test_deployment_wide_writes_refuse_account_and_pop_tokens(

@@ -138,6 +138,8 @@ async def test_a_change_reaches_three_pops_within_two_seconds_and_survives_the_c
         assert await udp_source(lax, echo) == ACME_LAX
         pops = {row["pop"]: row for row in (await api.get("/v1/version")).json()["pops"]}
         assert all(pops[code]["version"] >= version for code in POPS), pops
+        # Each PoP reports its own view too (standalone PoPs: no backbone, only themselves).
+        assert all(pops[code]["view"]["up"] == [code] for code in POPS), pops
 
     # The control plane goes away: the PoPs keep serving the last good configuration.
     assert lab.control is not None

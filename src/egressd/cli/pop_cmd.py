@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from egressd.pop.control_link import ControlWatcher
     from egressd.pop.flow_shipper import FlowShipper
     from egressd.pop.flowlog import FlowLog
+    from egressd.pop.health_report import HealthReporter
     from egressd.pop.metrics import PopMetrics
     from egressd.pop.runtime import StateHolder
 
@@ -334,6 +335,7 @@ async def _serve_pop(
         stopped.cancel()
         raise SystemExit(2) from exc
     shipper: FlowShipper | None = None
+    reporter: HealthReporter | None = None
     if watcher is not None:
         watcher.start(state)
         assert isinstance(source, ControlSource)
@@ -342,12 +344,19 @@ async def _serve_pop(
         shipper = FlowShipper(source.url, source.token, verify=watcher.verify)
         flowlog.sinks.append(shipper)  # the dashboard's live tail
         shipper.start()
+        from egressd.pop.health_report import HealthReporter
+
+        reporter = HealthReporter(source.url, source.token, {code: state},
+                                  verify=watcher.verify)
+        reporter.start()
 
     reason = await stopped
     log.info("%s: draining for up to %g s", reason, grace)
     await server.drain(grace)
     if shipper is not None:
         await shipper.close()
+    if reporter is not None:
+        await reporter.close()
     if watcher is not None:
         await watcher.close()
     flowlog.close()

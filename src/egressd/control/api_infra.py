@@ -500,6 +500,19 @@ def audit_log(
                          before=row.before, after=row.after) for row in session.scalars(query)]
 
 
+class PopViewIn(Strict):
+    """A PoP's own view of its peers: which it can reach, and the backbone RTTs it measured."""
+
+    up: list[Annotated[str, Field(pattern=r"^[a-z0-9]{2,16}$")]] = Field(max_length=1000)
+    rtt_ms: dict[Annotated[str, Field(pattern=r"^[a-z0-9]{2,16}$")],
+                 Annotated[float, Field(ge=0, le=600_000)]] = Field(max_length=1000)
+
+
+class PopView(PopViewIn):
+    reported_at: datetime
+    seconds_since_reported: float
+
+
 class PopStatusOut(BaseModel):
     pop: str
     version: int
@@ -507,6 +520,15 @@ class PopStatusOut(BaseModel):
     seen_at: datetime
     seconds_since_seen: float
     replica: str
+    view: PopView | None = Field(None, description="Its peers and RTTs, as it last reported")
+
+
+def pop_view(health: dict[str, Any] | None, now: datetime) -> PopView | None:
+    if not health or "at" not in health:
+        return None
+    at = aware(datetime.fromisoformat(str(health["at"])))
+    return PopView(up=list(health.get("up", [])), rtt_ms=dict(health.get("rtt_ms", {})),
+                   reported_at=at, seconds_since_reported=round((now - at).total_seconds(), 3))
 
 
 class VersionOut(BaseModel):
@@ -527,10 +549,23 @@ def version(ctx: Ctx, caller: Caller) -> VersionOut:
     pops = [PopStatusOut(pop=row.pop, version=row.version, current=row.version >= newest,
                          seen_at=aware(row.seen_at),
                          seconds_since_seen=round((now - aware(row.seen_at)).total_seconds(), 3),
-                         replica=row.replica)
+                         replica=row.replica, view=pop_view(row.health, now))
             for row in ctx.publisher.pop_statuses()]
     return VersionOut(version=newest, published_at=published.published_at if published else None,
                       build_ms=round(published.built_ms, 1) if published else None, pops=pops)
+
+
+@router.put("/pops/{pop}/health", status_code=204)
+async def report_health(
+    pop: Annotated[str, Path(pattern=r"^[a-z0-9]{2,16}$")], body: PopViewIn, ctx: Ctx,
+    caller: Caller,
+) -> Response:
+    """A PoP reports the peers it reaches and its backbone RTTs (every few seconds)."""
+    caller.require_pop()
+    health = {"up": sorted(set(body.up)), "rtt_ms": body.rtt_ms,
+              "at": datetime.now(UTC).isoformat()}
+    await asyncio.to_thread(ctx.publisher.record_health, pop, health)
+    return Response(status_code=204)
 
 
 @router.get("/snapshot", responses={204: {"description": "No newer version within `wait`"}})

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, or_, select
 
 from egressd.control.api_accounts import get_account
+from egressd.control.api_infra import PopView, pop_view
 from egressd.control.auth import Principal
 from egressd.control.deps import AccountId, Caller, Ctx
 from egressd.control.document import aware, current_version
@@ -55,6 +56,7 @@ class PopHealth(BaseModel):
     current: bool = Field(description="Runs the newest version")
     seen_at: datetime
     seconds_since_seen: float
+    view: PopView | None = Field(None, description="Its peers and RTTs, as it last reported")
 
 
 class PopsOut(BaseModel):
@@ -116,7 +118,8 @@ def pops(ctx: Ctx, caller: Caller) -> PopsOut:
     return PopsOut(version=newest, pops=[
         PopHealth(pop=row.pop, version=row.version, current=row.version >= newest,
                   seen_at=aware(row.seen_at),
-                  seconds_since_seen=round((now - aware(row.seen_at)).total_seconds(), 3))
+                  seconds_since_seen=round((now - aware(row.seen_at)).total_seconds(), 3),
+                  view=pop_view(row.health, now))
         for row in ctx.publisher.pop_statuses()])
 
 

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -151,6 +152,17 @@ class Publisher:
                 index_elements=[PopStatusRow.pop],
                 set_={"version": version, "seen_at": now, "replica": self.replica},
             ))
+
+    def record_health(self, pop: str, health: dict[str, Any]) -> None:
+        """A PoP's own view of its peers (R6, R11), shown by /v1/version and the dashboard."""
+        now = datetime.now(UTC)
+        with self._sessions() as session, session.begin():
+            dialect = session.get_bind().dialect.name
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            statement = insert(PopStatusRow).values(
+                pop=pop, version=0, seen_at=now, replica=self.replica, health=health)
+            session.execute(statement.on_conflict_do_update(
+                index_elements=[PopStatusRow.pop], set_={"health": health}))
 
     def pop_statuses(self) -> list[PopStatusRow]:
         with self._sessions() as session:

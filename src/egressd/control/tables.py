@@ -253,6 +253,8 @@ class PopStatusRow(Base):
     version: Mapped[int] = mapped_column(BigInteger)
     seen_at: Mapped[datetime]
     replica: Mapped[str] = mapped_column(String(100))
+    # The PoP's own view, as it last reported it: {"up": [...], "rtt_ms": {peer: ms}, "at": iso}
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 __all__ = ["Base", "UniqueConstraint"]

@@ -50,7 +50,7 @@ export async function render(ctx) {
           h("table", { class: "grid", id: "pops" },
             h("thead", {}, h("tr", {}, ["PoP", "City", "Health", "Version", "Backbone RTT"].map((t) => h("th", { scope: "col" }, t)))),
             popRows),
-          h("p", { class: "muted" }, "RTT: not measured yet — the PoPs do not report backbone RTTs to the control plane. ",
+          h("p", { class: "muted" }, "Backbone RTT: the round-trip time each PoP has to its peers, as it last reported (a few seconds ago at most); peers it cannot reach are marked unreachable. ",
             "Health: whether the PoP confirmed the newest configuration version within the last minute.")),
         h("section", { class: "card", "aria-labelledby": "traffic-title" },
           h("h2", { id: "traffic-title" }, `Traffic — ${subject || "all accounts"}`),
@@ -98,6 +98,17 @@ export async function render(ctx) {
     drawAll();
   });
 
+  function rttCell(code, pop, dcs) {
+    const view = pop && pop.view;
+    if (!view) return h("td", { class: "muted" }, "not reported");
+    const peers = dcs.filter((dc) => dc.code !== code).map((dc) => {
+      const ms = view.rtt_ms[dc.code];
+      if (!view.up.includes(dc.code)) return `${dc.code} unreachable`;
+      return ms === undefined ? `${dc.code} –` : `${dc.code} ${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`;
+    });
+    return h("td", { class: "rtt", "data-rtt": code }, peers.length ? peers.join(" · ") : "no peers");
+  }
+
   async function refreshHealth() {
     const [dcs, status] = await Promise.all([ctx.dataCenters(), api.get("/v1/ui/pops", { signal })]);
     dataCenters = dcs;
@@ -112,7 +123,7 @@ export async function render(ctx) {
         h("td", {}, `${dc.city}, ${dc.country}`),
         h("td", {}, h("span", { class: `badge badge-${state.kind}`, title: state.detail }, state.text), h("span", { class: "visually-hidden" }, `: ${state.detail}`)),
         h("td", { class: "num" }, pop ? String(pop.version) : "–"),
-        h("td", { class: "muted" }, "not measured yet"));
+        rttCell(dc.code, pop, dcs));
     }));
     drawAll();
   }
