@@ -290,7 +290,20 @@ def geofeed(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", dir_okay=False, show_default=False,
         help="Write it to this file instead of stdout.")] = None,
+    deployment: Annotated[Path | None, typer.Option(
+        "--deployment", "-d", exists=True, dir_okay=False, show_default=False,
+        help="Make it from this deployment file instead of asking the control plane.")] = None,
 ) -> None:
+    if deployment is not None:
+        text = _offline_geofeed(deployment)
+        if output is not None:
+            output.write_text(text, encoding="utf-8")
+            api.say(f"wrote {output} ({len(geofeed_rows(text))} entries)")
+        elif api.json_output:
+            emit_json(geofeed_rows(text))
+        else:
+            print(text, end="", flush=True)
+        return
     response = api.send("GET", "/geofeed.csv")
     if api.json_output:
         emit_json(geofeed_rows(response.text))
@@ -302,6 +315,18 @@ def geofeed(
         api.say(f"wrote {output} ({len(lines)} entries)")
         return
     print(response.text, end="" if response.text.endswith("\n") else "\n", flush=True)
+
+
+def _offline_geofeed(path: Path) -> str:
+    from egressd.control.geofeed import snapshot_geofeed
+    from egressd.model.deployment import load_deployment
+    from egressd.model.errors import ValidationError
+
+    try:
+        return snapshot_geofeed(load_deployment(path.read_text(encoding="utf-8")))
+    except ValidationError as error:
+        typer.echo(f"egressd geofeed: {path} is not valid:\n{error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def geofeed_rows(text: str) -> list[dict[str, str]]:
