@@ -82,6 +82,9 @@ def pop(
     max_flows_per_source: int = typer.Option(4096, "--max-flows-per-source", min=0, help="TCP flows from one address at once (per worker); more get 429 / SOCKS5 'not allowed'. 0: no limit."),
     max_flows_per_account: int = typer.Option(10000, "--max-flows-per-account", min=0, help="TCP flows of one account at once (per worker). 0: no limit."),
     auth_failures_per_source: int = typer.Option(30, "--auth-failures-per-source", min=0, help="Failed logins from one address per minute; past it, every attempt from it is refused until the minute ends. 0: no limit."),
+    pki: Path | None = typer.Option(None, "--pki", file_okay=False, help="Join the backbone: DIR holds ca.crt and pop-CODE.crt/.key (egressd pki). Flows whose egress is another PoP are carried there over mutually authenticated TLS; peers are the data centers with a `backbone` address."),
+    backbone_port: int = typer.Option(7443, "--backbone-port", min=1, max=65535, help="The backbone port of every PoP (with --pki)."),
+    backbone_listen: str | None = typer.Option(None, "--backbone-listen", help="HOST:PORT of this PoP's backbone server (default: its data center's backbone address and --backbone-port)."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds flows may finish after SIGTERM."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
@@ -114,6 +117,11 @@ def pop(
         if not sep or not name:
             raise typer.BadParameter(f"expected NAME=IP, got {item!r}", param_hint="--host")
 
+    if pki is not None and workers > 1:
+        raise typer.BadParameter("the backbone (--pki) runs in one process for now: use --workers 1",
+                                 param_hint="--workers")
+    backbone_spec = (pki, backbone_port,
+                     _host_port(backbone_listen, "--backbone-listen") if backbone_listen else None)
     limits = AdmissionLimits(
         max_handshakes_per_source=max_handshakes_per_source,
         max_connections_per_source=max_connections_per_source,
@@ -124,7 +132,7 @@ def pop(
     def child() -> None:
         run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
-                               grace, workers > 1, limits))
+                               grace, workers > 1, limits, backbone_spec))
 
     if workers == 1:
         child()
@@ -261,6 +269,7 @@ async def _serve_pop(
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
     max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
+    backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -314,21 +323,41 @@ async def _serve_pop(
             await watcher.close()
             stopped.cancel()
             raise SystemExit(2) from exc
-    # Until the backbone lands, a standalone PoP reaches only itself (R11 applies to the rest).
+    # Alone, a PoP reaches only itself (R11 applies to the rest); the backbone's health
+    # monitor replaces this view with what it measures.
     view = HealthView(up=frozenset({code}))
+    stack = None
+    if backbone_spec[0] is not None:
+        from egressd.pop.backbone import BackboneStack
+
+        try:
+            stack = BackboneStack.for_snapshot(code, snapshot, backbone_spec[0], backbone_spec[1],
+                                               backbone_spec[2])
+        except (OSError, ValueError) as exc:
+            log.error("backbone: %s", exc)
+            if watcher is not None:
+                await watcher.close()
+            stopped.cancel()
+            raise SystemExit(2) from exc
     options = PopOptions(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
                          idle_timeout=idle_timeout, max_lifetime=max_lifetime, limits=limits)
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
-    runtime = PopRuntime(code, state, NoBackbone(), Resolver(static=statics), options, flowlog, metrics)
+    runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(), Resolver(static=statics),
+                         options, flowlog, metrics)
     specs = [ListenerSpec(host, port) for host, port in plain]
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]
     context = server_tls_context(cert, key) if tls and cert and key else None
     server = PopServer(runtime, specs, tls_context=context, reuse_port=reuse_port)
     try:
         await server.start()
+        if stack is not None:
+            await stack.start(runtime, state)
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
+        await server.close()
+        if stack is not None:
+            await stack.close()
         flowlog.close()
         if watcher is not None:
             await watcher.close()
@@ -353,6 +382,8 @@ async def _serve_pop(
     reason = await stopped
     log.info("%s: draining for up to %g s", reason, grace)
     await server.drain(grace)
+    if stack is not None:
+        await stack.close()
     if shipper is not None:
         await shipper.close()
     if reporter is not None:

@@ -348,11 +348,18 @@ async def _local_endpoint(runtime: PopRuntime, io: ClientIO, head: RequestHead) 
         return True
     if path == "/health":
         snapshot = runtime.state.snapshot
-        body = json.dumps({
+        health: dict[str, object] = {
             "pop": runtime.code, "status": "draining" if runtime.draining else "ok",
             "snapshot_version": snapshot.version, "active_tunnels": len(runtime.relays),
             "config": runtime.state.config.health(),
-        }).encode() + b"\n"
+        }
+        peers = getattr(runtime.backbone, "peers", None)
+        if peers:  # the backbone's view of every peer: reachable, RTT (R6, R11)
+            view = runtime.state.view
+            health["backbone"] = {code: {"up": code in view.up,
+                                         "rtt_ms": view.rtt_ms.get((runtime.code, code))}
+                                  for code in sorted(peers)}
+        body = json.dumps(health).encode() + b"\n"
         await io.send(simple_response(200, "OK", body, headers=[("Content-Type", "application/json")], close=False))
     elif path == "/metrics":
         await io.send(simple_response(200, "OK", runtime.metrics.exposition(),

@@ -261,7 +261,10 @@ class PopRuntime:
         record.decision = decision
         record.destination = str(address)
         local = sock.getsockname()
-        record.local_address = f"{local[0]}:{local[1]}"
+        if isinstance(local, tuple):
+            record.local_address = f"{local[0]}:{local[1]}"
+        else:  # a backbone flow: the egress PoP said which address and port it used
+            record.local_address = getattr(sock, "egress_local", None)
         self.observe_connect(decision, time.monotonic() - started)
         return sock
 

@@ -1,0 +1,331 @@
+"""The backbone between PoP hosts (DESIGN §4, PoP -> PoP), over `egressd.mux`: one
+mutually authenticated TLS connection per PoP pair, a multiplexed stream per flow.
+
+- `MuxBackbone` is the connected PoP's side: the `Backbone` its runtime hands flows to
+  (R7). A flow becomes an extended CONNECT whose fields carry the `FlowHeader`.
+- `BackboneServer` is the egress PoP's side: it checks the requested source address is a
+  local, active dedicated address of the flow's account (R13, in `PopRuntime.egress_tcp`)
+  and connects from it, or refuses with the reason.
+- `HealthMonitor` pings every peer over its link twice a second and keeps the PoP's health
+  view (reachable peers, smoothed RTTs) that the decision uses (R6, R11): a peer that has
+  not answered for 1.5 s is down for new flows.
+
+The runtime's relays work on sockets, so a backbone flow is handed to them as one end of a
+socket pair, the other end pumped into the stream: one copy more than a direct flow, and
+the same relay code for both (measured in benchmarks/backbone.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from egressd.decide import HealthView
+from egressd.model.snapshot import Snapshot
+from egressd.mux import MuxClient, MuxError, MuxServer, MuxStream, PeerIdentity, StreamRefused, pump
+from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder
+from egressd.pop.upstream import UpstreamError
+
+log = logging.getLogger("egressd.pop.backbone")
+
+PROTOCOL_TCP: Final = "egressd-tcp"
+PING_INTERVAL: Final = 0.5
+DEAD_AFTER: Final = 1.5  # with the interval: a dead peer is avoided within ~2 s (R11: 3 s)
+RTT_SMOOTHING: Final = 0.3
+
+
+def header_fields(header: FlowHeader) -> dict[str, str]:
+    fields = {
+        "egressd-flow": header.flow_id,
+        "egressd-account": header.account,
+        "egressd-source": str(header.source_address),
+        "egressd-destination": str(header.destination),
+        "egressd-port": str(header.port),
+        "egressd-protocol": header.protocol,
+    }
+    if header.hostname:
+        fields["egressd-hostname"] = header.hostname
+    return fields
+
+
+def parse_fields(fields: Mapping[str, str]) -> FlowHeader:
+    """A FlowHeader from a stream's fields; ValueError names what is missing or malformed."""
+    try:
+        port = int(fields["egressd-port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} out of range")
+        return FlowHeader(
+            flow_id=fields["egressd-flow"],
+            account=fields["egressd-account"],
+            source_address=ipaddress.ip_address(fields["egressd-source"]),
+            destination=ipaddress.ip_address(fields["egressd-destination"]),
+            port=port,
+            protocol=fields["egressd-protocol"],
+            hostname=fields.get("egressd-hostname") or None,
+        )
+    except KeyError as missing:
+        raise ValueError(f"missing field {missing.args[0]}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    code: str
+    host: str
+    port: int
+
+
+class BackboneSocket(socket.socket):
+    """The relay's end of a backbone flow: a socket pair end that also knows the source
+    address and port the egress PoP used (for the flow log)."""
+
+    egress_local: str | None = None
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP-style reset where the socket type allows it: the relay on the other
+    end of the pair sees an error, not a clean end, when the link is lost."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class MuxBackbone:
+    """The connected PoP's side of the backbone: implements `runtime.Backbone`."""
+
+    def __init__(self, code: str, peers: Mapping[str, Peer], context: ssl.SSLContext) -> None:
+        self.code = code
+        self.peers = dict(peers)
+        self._context = context
+        self.clients: dict[str, MuxClient] = {}
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    def client(self, pop: str) -> MuxClient:
+        client = self.clients.get(pop)
+        if client is None:
+            peer = self.peers.get(pop)
+            if peer is None:
+                raise UpstreamError(f"egress PoP {pop} has no backbone address", status=502,
+                                    socks_reply=0x03)
+            client = self.clients[pop] = MuxClient(peer.host, peer.port, self._context,
+                                                   server_hostname=pop)
+        return client
+
+    async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        client = self.client(egress_pop)
+        try:
+            stream = await client.open(header_fields(header), protocol=PROTOCOL_TCP)
+        except StreamRefused as refused:
+            raise UpstreamError(f"egress PoP {egress_pop}: {refused.reason}",
+                                status=403 if refused.status == 403 else 502,
+                                socks_reply=0x02 if refused.status == 403 else 0x05) from None
+        except (MuxError, OSError) as error:
+            raise UpstreamError(f"egress PoP {egress_pop} is unreachable over the backbone "
+                                f"({error})", status=502, socks_reply=0x03) from None
+        pair, theirs = socket.socketpair()
+        ours = BackboneSocket(pair.family, pair.type, pair.proto, fileno=pair.detach())
+        ours.egress_local = stream.response_headers.get("egressd-local")
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        task = asyncio.create_task(self._carry(egress_pop, header, stream, theirs))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+        return ours
+
+    async def _carry(self, pop: str, header: FlowHeader, stream: MuxStream,
+                     sock: socket.socket) -> None:
+        try:
+            await pump(stream, sock)
+        except MuxError as error:
+            log.info("flow %s: backbone link to %s lost: %s", header.flow_id, pop, error)
+            _reset(sock)
+            return
+        except asyncio.CancelledError:
+            stream.reset()
+            _reset(sock)
+            raise
+        sock.close()
+
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
+        raise UpstreamError(f"UDP over the backbone to {egress_pop} is not carried yet",
+                            status=502, socks_reply=0x02)
+
+    async def close(self) -> None:
+        for task in list(self._pumps):
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for client in self.clients.values():
+            await client.close()
+
+
+class BackboneServer:
+    """The egress PoP's side: flows arriving from other PoPs leave from here."""
+
+    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int) -> None:
+        self.runtime = runtime
+        self.server = MuxServer(context, self._handle, host=host, port=port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    async def _handle(self, stream: MuxStream, peer: PeerIdentity) -> None:
+        if stream.headers.get(":protocol") != PROTOCOL_TCP:
+            await stream.refuse(501, f"protocol {stream.headers.get(':protocol')!r} not carried")
+            return
+        try:
+            header = parse_fields(stream.headers)
+        except ValueError as error:
+            await stream.refuse(400, f"bad flow header from {peer.common_name}: {error}")
+            return
+        try:
+            sock = await self.runtime.egress_tcp(header)
+        except UpstreamError as error:
+            log.warning("flow %s from %s refused: %s", header.flow_id, peer.common_name,
+                        error.reason)
+            await stream.refuse(403 if error.socks_reply == 0x02 else 502, error.reason)
+            return
+        local = sock.getsockname()
+        try:
+            await stream.accept({"egressd-local": f"{local[0]}:{local[1]}"})
+            await pump(stream, sock)
+        except MuxError as error:
+            log.info("flow %s: backbone link from %s lost: %s", header.flow_id,
+                     peer.common_name, error)
+        finally:
+            sock.close()
+
+
+class HealthMonitor:
+    """Pings every peer over its link and keeps `holder.view` (R6 RTTs, R11 liveness)."""
+
+    def __init__(self, code: str, backbone: MuxBackbone, holder: StateHolder, *,
+                 interval: float = PING_INTERVAL, dead_after: float = DEAD_AFTER) -> None:
+        self.code = code
+        self.backbone = backbone
+        self.holder = holder
+        self.interval = interval
+        self.dead_after = dead_after
+        self.last_answer: dict[str, float] = {}
+        self.rtt_ms: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="backbone-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def probe_once(self) -> None:
+        peers = [code for code in self.backbone.peers if code != self.code]
+        results = await asyncio.gather(*(self._ping(code) for code in peers))
+        now = time.monotonic()
+        for code, rtt in zip(peers, results, strict=True):
+            if rtt is None:
+                continue
+            self.last_answer[code] = now
+            previous = self.rtt_ms.get(code)
+            self.rtt_ms[code] = rtt if previous is None else (
+                RTT_SMOOTHING * rtt + (1 - RTT_SMOOTHING) * previous)
+        up = {code for code, at in self.last_answer.items() if now - at <= self.dead_after}
+        was = self.holder.view.up
+        view = HealthView(up=frozenset(up | {self.code}),
+                          rtt_ms={(self.code, peer): round(ms, 3) for peer, ms in self.rtt_ms.items()
+                                  if peer in up})
+        for lost in sorted((was - view.up) - {self.code}):
+            log.warning("backbone: %s stopped answering; new flows avoid it, flows through "
+                        "it end (R11)", lost)
+            # A silent peer (no reset from its host) would hold its flows for minutes: drop
+            # the link, which fails every stream on it; the next probe reconnects.
+            await self.backbone.client(lost).close()
+        for found in sorted((view.up - was) - {self.code}):
+            log.info("backbone: %s reachable, RTT %.1f ms", found, self.rtt_ms.get(found, 0.0))
+        self.holder.view = view
+
+    async def _ping(self, code: str) -> float | None:
+        try:
+            return 1000 * await self.backbone.client(code).ping(timeout=self.dead_after)
+        except (MuxError, OSError, UpstreamError):
+            return None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.probe_once()
+            except Exception:  # a bug here must not stop the probing
+                log.exception("backbone health probe failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+
+class BackboneStack:
+    """A PoP's whole backbone: the links to its peers, its own server, the health monitor.
+
+    Peers and their addresses come from the snapshot (`backbone` of each data center) and
+    one port for the deployment; the certificates from a PKI directory made by
+    `egressd pki` (ca.crt, pop-CODE.crt/.key).
+    """
+
+    def __init__(self, code: str, peers: Mapping[str, Peer], pki: Path,
+                 listen: tuple[str, int]) -> None:
+        from egressd.mux import client_context, server_context
+
+        cert, key, ca = pki / f"pop-{code}.crt", pki / f"pop-{code}.key", pki / "ca.crt"
+        for path in (cert, key, ca):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing (egressd pki pop {code} --dir {pki})")
+        self.code = code
+        self.listen = listen
+        self.backbone = MuxBackbone(code, peers, client_context(cert, key, ca))
+        self._server_context = server_context(cert, key, ca)
+        self.server: BackboneServer | None = None
+        self.monitor: HealthMonitor | None = None
+
+    @classmethod
+    def for_snapshot(cls, code: str, snapshot: Snapshot, pki: Path, port: int,
+                     listen: tuple[str, int] | None = None) -> BackboneStack:
+        peers = {dc.code: Peer(dc.code, str(dc.backbone_address), port)
+                 for dc in snapshot.data_centers.values()
+                 if dc.backbone_address is not None and dc.code != code}
+        own = snapshot.data_centers.get(code)
+        if listen is None:
+            if own is None or own.backbone_address is None:
+                raise ValueError(f"data center {code} has no backbone address in the "
+                                 "deployment; give --backbone-listen")
+            listen = (str(own.backbone_address), port)
+        return cls(code, peers, pki, listen)
+
+    async def start(self, runtime: PopRuntime, holder: StateHolder) -> None:
+        self.server = BackboneServer(runtime, self._server_context, *self.listen)
+        await self.server.start()
+        self.monitor = HealthMonitor(self.code, self.backbone, holder)
+        await self.monitor.probe_once()
+        self.monitor.start()
+        log.info("backbone: listening on %s:%d, peers %s", *self.server.address,
+                 ", ".join(sorted(self.backbone.peers)) or "none")
+
+    async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
+        await self.backbone.close()
+        if self.server is not None:
+            await self.server.close()
