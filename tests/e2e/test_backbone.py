@@ -21,7 +21,7 @@ from egressd.pop.backbone import header_fields
 from egressd.pop.identity import hash_secret
 from egressd.pop.runtime import FlowHeader
 
-from .helpers import basic, close_writer, read_response, tcp_server
+from .helpers import basic, close_writer, read_response, socks5_udp, tcp_server
 from .processes import EgressdProcess, Start, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,9 @@ slot = {slot}
 [[accounts]]
 id = "acme"
 plan = "enterprise"
+
+  [accounts.network]
+  proxy_udp = true
 
   [[accounts.locations]]
   id = "lax"
@@ -123,11 +126,12 @@ class Backbone:
         await wait_healthy(self.listen[code])
 
     async def converged(self, within: float = 10.0) -> None:
-        """Until every PoP sees every other up (a PoP started before its peers retries)."""
+        """Until every running PoP sees the others up (one started before its peers retries)."""
         deadline = time.monotonic() + within
         while True:
             views = {code: (await self.health(code))["backbone"] for code in self.children}
-            if all(peer["up"] for view in views.values() for peer in view.values()):
+            if all(peer["up"] for view in views.values() for code, peer in view.items()
+                   if code in self.children):
                 return
             assert time.monotonic() < deadline, f"backbone not converged: {views}"
             await asyncio.sleep(0.1)
@@ -193,6 +197,36 @@ async def test_flows_cross_the_backbone_and_fail_over(egressd_process: Start, tm
                 assert await reader.read() == b""
         await close_writer(writer)
         assert (await lab.health("las"))["backbone"]["lax"]["up"] is False
+
+
+class UdpTell(asyncio.DatagramProtocol):
+    """A UDP origin that answers each datagram with the source address it came from."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.transport.sendto(f"{addr[0]} {data.decode()}".encode(), addr)
+
+
+async def test_udp_crosses_the_backbone(egressd_process: Start, tmp_path: Path) -> None:
+    lab = Backbone(egressd_process, tmp_path)
+    for code in ("las", "lax"):
+        await lab.start(code)
+    await lab.converged()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(UdpTell, local_addr=("127.0.0.1", 0))
+    try:
+        origin = transport.get_extra_info("sockname")[:2]
+        async with socks5_udp(lab.listen["las"], ("acme-laptop", SECRET)) as udp:
+            for index in range(3):
+                udp.send(origin[0], origin[1], f"hello {index}".encode())
+                host, port, payload = await udp.recv()
+                assert (host, port) == tuple(origin)
+                # proxy.udp on: UDP leaves Los Angeles from acme's address there (R7).
+                assert payload == f"127.0.2.100 hello {index}".encode()
+    finally:
+        transport.close()
 
 
 async def test_the_egress_pop_refuses_what_the_account_does_not_own(

@@ -25,20 +25,31 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from egressd.decide import HealthView
 from egressd.model.snapshot import Snapshot
-from egressd.mux import MuxClient, MuxError, MuxServer, MuxStream, PeerIdentity, StreamRefused, pump
+from egressd.mux import (
+    DatagramStream,
+    MuxClient,
+    MuxError,
+    MuxServer,
+    MuxStream,
+    PeerIdentity,
+    StreamRefused,
+    pump,
+)
 from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder
 from egressd.pop.upstream import UpstreamError
+from egressd.protocols.socks5 import ProtocolError, build_udp_datagram, parse_udp_datagram
 
 log = logging.getLogger("egressd.pop.backbone")
 
 PROTOCOL_TCP: Final = "egressd-tcp"
+PROTOCOL_UDP: Final = "connect-udp"
 PING_INTERVAL: Final = 0.5
 DEAD_AFTER: Final = 1.5  # with the interval: a dead peer is avoided within ~2 s (R11: 3 s)
 RTT_SMOOTHING: Final = 0.3
@@ -155,9 +166,19 @@ class MuxBackbone:
             raise
         sock.close()
 
-    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
-        raise UpstreamError(f"UDP over the backbone to {egress_pop} is not carried yet",
-                            status=502, socks_reply=0x02)
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> DatagramChannel:
+        """A UDP association's datagrams to and from its egress PoP, over one stream
+        (RFC 9297 capsules, each datagram with its peer address, SOCKS5 UDP framing)."""
+        client = self.client(egress_pop)
+        try:
+            stream = await client.open(header_fields(header), protocol=PROTOCOL_UDP)
+        except StreamRefused as refused:
+            raise UpstreamError(f"egress PoP {egress_pop}: {refused.reason}", status=502,
+                                socks_reply=0x02) from None
+        except (MuxError, OSError) as error:
+            raise UpstreamError(f"egress PoP {egress_pop} is unreachable over the backbone "
+                                f"({error})", status=502, socks_reply=0x03) from None
+        return DatagramChannel(stream, stream.response_headers.get("egressd-local"))
 
     async def close(self) -> None:
         for task in list(self._pumps):
@@ -165,6 +186,69 @@ class MuxBackbone:
         await asyncio.gather(*self._pumps, return_exceptions=True)
         for client in self.clients.values():
             await client.close()
+
+
+class DatagramChannel:
+    """The connected PoP's end of a UDP flow over the backbone. Duck-types the parts of an
+    asyncio datagram transport the UDP relay uses (`sendto`, `close`, `get_extra_info`)."""
+
+    QUEUE = 1024  # datagrams waiting for the stream; beyond, they are dropped (it is UDP)
+
+    def __init__(self, stream: MuxStream, local: str | None) -> None:
+        self.datagrams = DatagramStream(stream)
+        self.local = local
+        self.on_datagram: Callable[[bytes, tuple[str, int]], None] | None = None
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(self.QUEUE)
+        self.dropped = 0
+        self._tasks = [asyncio.create_task(self._send_loop()),
+                       asyncio.create_task(self._receive_loop())]
+
+    def sendto(self, payload: bytes, address: tuple[str, int]) -> None:
+        try:
+            self._outbox.put_nowait(build_udp_datagram(address[0], address[1], payload))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        if name == "sockname" and self.local:
+            host, _, port = self.local.rpartition(":")
+            return (host, int(port))
+        return default
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.datagrams.stream.reset()
+
+    async def _send_loop(self) -> None:
+        with contextlib.suppress(MuxError):
+            while True:
+                await self.datagrams.send(await self._outbox.get())
+
+    async def _receive_loop(self) -> None:
+        with contextlib.suppress(MuxError, EOFError):
+            while True:
+                data = await self.datagrams.recv()
+                try:
+                    datagram = parse_udp_datagram(data)
+                except ProtocolError:
+                    continue
+                if self.on_datagram is not None:
+                    self.on_datagram(datagram.payload, (datagram.host, datagram.port))
+
+
+class _EgressUdp(asyncio.DatagramProtocol):
+    def __init__(self, datagrams: DatagramStream) -> None:
+        self.datagrams = datagrams
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(self.pending) >= DatagramChannel.QUEUE:
+            return  # the stream is behind: drop, as a congested link would
+        task = asyncio.ensure_future(self.datagrams.send(
+            build_udp_datagram(str(addr[0]), int(addr[1]), data)))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
 
 class BackboneServer:
@@ -185,6 +269,9 @@ class BackboneServer:
         await self.server.close()
 
     async def _handle(self, stream: MuxStream, peer: PeerIdentity) -> None:
+        if stream.headers.get(":protocol") == PROTOCOL_UDP:
+            await self._handle_udp(stream, peer)
+            return
         if stream.headers.get(":protocol") != PROTOCOL_TCP:
             await stream.refuse(501, f"protocol {stream.headers.get(':protocol')!r} not carried")
             return
@@ -209,6 +296,36 @@ class BackboneServer:
                      peer.common_name, error)
         finally:
             sock.close()
+
+
+    async def _handle_udp(self, stream: MuxStream, peer: PeerIdentity) -> None:
+        try:
+            header = parse_fields(stream.headers)
+            sock = await self.runtime.egress_udp(header)  # R13: an address of this account here
+        except ValueError as error:
+            await stream.refuse(400, f"bad flow header from {peer.common_name}: {error}")
+            return
+        except UpstreamError as error:
+            await stream.refuse(403, error.reason)
+            return
+        datagrams = DatagramStream(stream)
+        transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _EgressUdp(datagrams), sock=sock)
+        local = transport.get_extra_info("sockname")
+        try:
+            await stream.accept({"egressd-local": f"{local[0]}:{local[1]}"})
+            while True:
+                try:
+                    datagram = parse_udp_datagram(await datagrams.recv())
+                except ProtocolError:
+                    continue
+                transport.sendto(datagram.payload, (datagram.host, datagram.port))
+        except (EOFError, MuxError):
+            pass
+        finally:
+            for task in list(protocol.pending):
+                task.cancel()
+            transport.close()
 
 
 class HealthMonitor:

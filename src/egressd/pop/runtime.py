@@ -65,12 +65,25 @@ class FlowHeader:
     hostname: str | None = None
 
 
+class UdpChannel(Protocol):
+    """A UDP flow's datagrams carried elsewhere (the backbone), addressed per datagram like
+    a datagram transport; replies come to `on_datagram(payload, (host, port))`."""
+
+    on_datagram: Callable[[bytes, tuple[str, int]], None] | None
+
+    def sendto(self, payload: bytes, address: tuple[str, int]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
 class Backbone(Protocol):
     """Carries flows to their egress PoP. In-process in `egressd serve`; mTLS between hosts."""
 
     async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket: ...
 
-    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket: ...
+    async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket | UdpChannel: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from typing import Any
 
 from egressd.model.addresses import IPAddress
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.identity import Identity
-from egressd.pop.runtime import FlowHeader, PopRuntime
+from egressd.pop.runtime import FlowHeader, PopRuntime, UdpChannel
 from egressd.pop.upstream import UpstreamError, make_udp_socket
 from egressd.protocols.socks5 import ProtocolError, build_udp_datagram, parse_udp_datagram
 
@@ -54,7 +55,7 @@ class _Upstream:
     """One upstream socket (one source address); queues datagrams until it is open."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: asyncio.DatagramTransport | UdpChannel | None = None
         self.pending: list[tuple[bytes, tuple[str, int]]] = []
         self.failed = False
 
@@ -182,7 +183,12 @@ class UdpAssociation:
             else:
                 header = FlowHeader(flow_id=record.flow_id, account=self.identity.account,
                                     source_address=source, destination=address, port=port, protocol="udp")
-                sock = await runtime.backbone.open_udp(egress_pop or "", header)
+                carried = await runtime.backbone.open_udp(egress_pop or "", header)
+                if not isinstance(carried, socket.socket):  # a channel over the backbone
+                    carried.on_datagram = self.from_upstream
+                    self._attach(upstream, carried, record)
+                    return
+                sock = carried
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Side(lambda data, addr: self.from_upstream(data, addr)), sock=sock)
@@ -190,11 +196,16 @@ class UdpAssociation:
             upstream.failed = True
             record.outcome, record.error = "upstream-error", exc.reason
             return
+        self._attach(upstream, transport, record)
+
+    def _attach(self, upstream: _Upstream, transport: Any, record: FlowRecord) -> None:
         upstream.transport = transport
         if self.closed.is_set():
             transport.close()
             return
-        record.local_address = "{}:{}".format(*transport.get_extra_info("sockname")[:2])
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            record.local_address = f"{sockname[0]}:{sockname[1]}"
         for payload, destination in upstream.pending:
             transport.sendto(payload, destination)
         upstream.pending.clear()
