@@ -328,6 +328,7 @@ def try_it(info: dict[str, Any]) -> list[str]:
         f"curl -K {acme['curlrc']} --socks5-hostname {plain.removeprefix('http://')} {echo}",
         f"# every flow, one JSON line each: tail -f {info['flow_log']}",
         f"# PoP health and metrics: curl {las['health']}   curl {plain}/metrics",
+        f"# the dashboard: {control['url']}/ (sign in with the token in {control['admin_token']})",
         "# the control plane (API token in admin.token; every change is in force within 2 s):",
         f"egressd settings network acme --udp off --control {control['url']} "
         f"--token-file {control['admin_token']}",
