@@ -16,7 +16,7 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = _run(sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks")
+    result = _run(sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks", "fuzz")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

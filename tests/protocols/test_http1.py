@@ -244,6 +244,9 @@ REJECTED = {
     "te unknown coding": (h("Transfer-Encoding: foo, chunked"), 501),
     "te identity": (h("Transfer-Encoding: identity"), 501),
     "te in http/1.0": (h("Transfer-Encoding: chunked", version="1.0"), 400),
+    "content_length lookalike": (h("Content_Length: 3"), 400),
+    "transfer_encoding lookalike": (h("Transfer_Encoding: chunked"), 400),
+    "mixed lookalike": (h("transfer-Encoding_: x", "Transfer_encoding: chunked"), 400),
     "connection names content-length": (h("Connection: Content-Length", "Content-Length: 1"), 400),
     "connection names host": (h("Connection: host"), 400),
     "connection not a token": (h("Connection: a b"), 400),
@@ -597,6 +600,8 @@ def test_until_close_and_eof() -> None:
         b"g\r\n",
         b"\r\n",
         b"1" * 17 + b"\r\n",
+        b"8000000000000000\r\n",  # 2**63: negative in an int64
+        b"ffffffffffffffff\r\n",
         b"5;\r\n",
         b"5;=x\r\n",
         b'5;a="open\r\n',

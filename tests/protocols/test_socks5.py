@@ -155,6 +155,9 @@ REQUEST_FAILURES = {
     "non-ascii domain": (request(address=b"\x02\xc3\xa9"), ReplyCode.GENERAL_FAILURE),
     "hex ipv4 domain": (request(address=b"\x060x7f.1"), ReplyCode.GENERAL_FAILURE),
     "bad ipv6 text": (request(address=b"\x05::g::"), ReplyCode.GENERAL_FAILURE),
+    "ipv6 zone in domain": (request(address=b"\x0afe80::1%25"), ReplyCode.GENERAL_FAILURE),
+    "mapped ipv6 zone in domain": (request(address=b"\x12::ffff:127.0.0.1%1"), ReplyCode.GENERAL_FAILURE),
+    "ipv6 zone and nul": (request(address=b"\x06::1%\x00x"), ReplyCode.GENERAL_FAILURE),
     "connect port 0": (request(port=0), ReplyCode.GENERAL_FAILURE),
 }
 

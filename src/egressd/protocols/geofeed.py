@@ -19,6 +19,7 @@ import csv
 import io
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -34,6 +35,10 @@ __all__ = [
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+#: CIDR as RFC 8805 writes it: an address and a decimal length. Python's ipaddress would
+#: also take netmasks (/255.255.255.0) and IPv6 zones (2001:db8::%eth0), which are not
+#: prefixes (and a zone makes a second, unequal copy of one).
+_PREFIX: Final = re.compile(r"[0-9A-Fa-f:.]+(?:/[0-9]{1,3})?")
 _COUNTRY: Final = re.compile(r"[A-Z]{2}")
 _REGION: Final = re.compile(r"([A-Z]{2})-[A-Z0-9]{1,3}")
 _FIELDS: Final = ("ip_prefix", "alpha2code", "region", "city", "postal_code")
@@ -50,9 +55,14 @@ class GeofeedError(ValueError):
         self.reason = reason
 
 
+#: Control characters (C0, DEL, C1) and the line and paragraph separators: in a field
+#: they would end the feed line early for a reader that splits lines like str.splitlines().
+_LINE_BREAKING: Final = frozenset({"Cc", "Zl", "Zp"})
+
+
 def _check_text(name: str, value: str) -> None:
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
-        raise ValueError(f"{name} {value!r} contains a control character")
+    if any(unicodedata.category(char) in _LINE_BREAKING for char in value):
+        raise ValueError(f"{name} {value!r} contains a control character or line separator")
     if value != value.strip():
         raise ValueError(f"{name} {value!r} has leading or trailing whitespace")
 
@@ -116,6 +126,8 @@ def _parse_line(line_number: int, line: str) -> GeofeedEntry:
     prefix_text, country, region, city, postal = fields
     if not prefix_text:
         raise GeofeedError(line_number, line, "missing ip_prefix")
+    if _PREFIX.fullmatch(prefix_text) is None:
+        raise GeofeedError(line_number, line, f"bad ip_prefix {prefix_text!r} (not address/length)")
     try:
         prefix = ipaddress.ip_network(prefix_text, strict=True)
     except ValueError as error:
@@ -130,11 +142,13 @@ def parse_geofeed(text: str) -> list[GeofeedEntry]:
     """Parse a whole feed; :class:`GeofeedError` names the first bad line.
 
     Codes are accepted in any case and returned upper case. A prefix listed twice is an
-    error: a feed that says two things about one prefix says nothing reliable.
+    error: a feed that says two things about one prefix says nothing reliable. Lines end
+    at LF (CRLF too); any other line or paragraph separator is part of its line, where
+    it is an error.
     """
     entries: list[GeofeedEntry] = []
     first_seen: dict[IPNetwork, int] = {}
-    for line_number, raw_line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+    for line_number, raw_line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         line = raw_line.strip()
         if not line or line.startswith("#"):
             continue

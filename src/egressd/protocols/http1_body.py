@@ -23,8 +23,8 @@ FAILED, after which every call raises the same :class:`HttpError`:
 * TRAILERS (trailer field lines) -> DONE at the empty line
 * UNTIL_CLOSE (a response delimited by the connection closing) -> DONE on :meth:`eof`
 
-Chunk-size lines and trailers are validated strictly (hex size of at most 16 digits, no
-sign, well-formed extensions, CRLF only, no obs-fold, no control bytes). A line is fully
+Chunk-size lines and trailers are validated strictly (hex size of at most 16 digits and
+below 2**63, no sign, well-formed extensions, CRLF only, no obs-fold, no control bytes). A line is fully
 checked when its LF arrives, before ``feed`` returns any byte of that call; the bytes of
 a line still incomplete at the end of a call are already counted as forwarded, so they
 are checked as far as possible (no LF, no bare CR, no control bytes) on arrival: a peer
@@ -117,6 +117,12 @@ TRACKED_FIELDS: Final = frozenset(
     | {b"proxy-connection", b"proxy-authorization"}
 )
 _MAX_CONTENT_LENGTH_DIGITS: Final = 18
+#: Largest chunk size accepted: a signed 64-bit integer. 16 hex digits could say up to
+#: 2**64 - 1, which a peer keeping sizes in an int64 reads as negative (a smuggling vector).
+_MAX_CHUNK_SIZE: Final = 2**63 - 1
+#: Names that are not framing fields, but become one where a server maps "_" to "-"
+#: (CGI/WSGI environ keys: HTTP_CONTENT_LENGTH): two readings of one message.
+_FRAMING_LOOKALIKES: Final = frozenset({b"content_length", b"transfer_encoding"})
 #: (name, value) pairs in received order and case.
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -334,6 +340,8 @@ class BodyTracker:
             if match is None:
                 self._fail("invalid chunk-size line")
             size = int(match.group(1), 16)
+            if size > _MAX_CHUNK_SIZE:
+                self._fail("chunk size does not fit in 63 bits")
             if size == 0:
                 self._goto(_S.TRAILERS)
             else:
@@ -411,7 +419,11 @@ def parse_transfer_codings(values: list[bytes], status: int) -> list[str]:
 
 
 def collect_fields(lines: list[bytes], status: int) -> tuple[Headers, dict[bytes, list[bytes]]]:
-    """Validate field lines: (name, value) pairs, and the values of TRACKED_FIELDS by name."""
+    """Validate field lines: (name, value) pairs, and the values of TRACKED_FIELDS by name.
+
+    A name that differs from Content-Length or Transfer-Encoding only by "_" for "-"
+    (``Content_Length``) is an error: some servers read it as the framing field.
+    """
     headers = []
     tracked: dict[bytes, list[bytes]] = {}
     for line in lines:
@@ -423,6 +435,8 @@ def collect_fields(lines: list[bytes], status: int) -> tuple[Headers, dict[bytes
         lower = name.lower()
         if lower in TRACKED_FIELDS:
             tracked.setdefault(lower, []).append(value)
+        elif b"_" in lower and lower.replace(b"-", b"_") in _FRAMING_LOOKALIKES:
+            raise HttpError(status, f"field name {name.decode('ascii')} resembles a framing field")
     return tuple(headers), tracked
 
 

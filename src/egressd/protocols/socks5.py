@@ -33,7 +33,8 @@ Choices where the RFCs leave room, each with a test:
   that does not yet know its UDP source sends zeros;
 * BIND is answered 0x07 command not supported;
 * domain names must be ASCII host names (IDNs in punycode); a name that a resolver
-  could read as an IPv4 address in a non-dotted-quad notation is refused.
+  could read as an IPv4 address in a non-dotted-quad notation is refused, and so is an
+  IPv6 literal with a zone (``fe80::1%eth0``: it would choose one of the PoP's links).
 
 What it does not know: sockets, timeouts (RFC 1928 asks the server to close within 10 s
 of a failure reply: the caller's job), who the credentials belong to, and GSSAPI.
@@ -199,7 +200,9 @@ def _decode_domain(raw: bytes) -> str | None:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         return None
-    if ":" in text and "\x00" not in text:  # an IPv6 literal sent as a name
+    if ":" in text:  # an IPv6 literal sent as a name
+        if "%" in text:  # a zone (fe80::1%eth0) would pick one of the PoP's interfaces
+            return None
         try:
             return str(ipaddress.IPv6Address(text))
         except ValueError:
