@@ -209,3 +209,27 @@ async def test_thousands_of_hostile_connections_leave_nothing_behind(serve: dict
                                                    credentials(serve, "acme"))
     await close_writer(writer)
     assert response.status == 200
+
+
+@pytest.mark.parametrize("serve", [pytest.param(
+    {"options": PopOptions(max_request_line=128, max_header_section=1024, max_header_fields=4)},
+    id="small-heads")], indirect=True)
+async def test_request_head_limits_are_configurable(serve: dict[str, Any]) -> None:
+    proxy = pop_plain(serve)
+    long_line = b"GET http://127.0.9.1/" + b"a" * 200 + b" HTTP/1.1\r\n\r\n"
+    many_fields = b"GET http://127.0.9.1/ HTTP/1.1\r\n" + b"".join(
+        b"X-%d: 1\r\n" % index for index in range(5)) + b"\r\n"
+    big_section = b"GET http://127.0.9.1/ HTTP/1.1\r\nX-Big: " + b"b" * 1100 + b"\r\n\r\n"
+    for request, status in ((long_line, b"414"), (many_fields, b"431"), (big_section, b"431")):
+        reader, writer = await asyncio.open_connection(*proxy)
+        try:
+            writer.write(request)
+            answer = await read_all(reader, within=IO_TIMEOUT)
+        finally:
+            await close_writer(writer)
+        assert answer.startswith(b"HTTP/1.1 " + status), (request[:40], answer[:60])
+    # Within the limits, the same request is served.
+    response, _reader, writer = await http_connect(proxy, echo_authority(serve),
+                                                   credentials(serve, "acme"))
+    await close_writer(writer)
+    assert response.status == 200

@@ -77,6 +77,9 @@ def pop(
     handshake_timeout: float = typer.Option(10.0, "--handshake-timeout", help="Seconds a client has to finish its request."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", help="Seconds an idle tunnel is kept."),
     max_lifetime: float = typer.Option(0.0, "--max-lifetime", help="Seconds a tunnel may live at most, busy or not; 0: no limit."),
+    max_request_line: int = typer.Option(8192, "--max-request-line", min=64, max=1 << 20, help="Bytes of a request line; longer ones get 414."),
+    max_header_bytes: int = typer.Option(65536, "--max-header-bytes", min=256, max=1 << 24, help="Bytes of a request's header section; larger ones get 431."),
+    max_header_fields: int = typer.Option(100, "--max-header-fields", min=1, max=10000, help="Fields in a request's header section; more get 431."),
     max_handshakes_per_source: int = typer.Option(64, "--max-handshakes-per-source", min=0, help="Connections from one address that may be unfinished (no complete request yet) at once; more are closed at accept (slowloris). 0: no limit."),
     max_connections_per_source: int = typer.Option(1024, "--max-connections-per-source", min=0, help="TLS listener: connections from one address at once. 0: no limit."),
     max_flows_per_source: int = typer.Option(4096, "--max-flows-per-source", min=0, help="TCP flows from one address at once (per worker); more get 429 / SOCKS5 'not allowed'. 0: no limit."),
@@ -132,7 +135,8 @@ def pop(
     def child() -> None:
         run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
-                               grace, workers > 1, limits, backbone_spec))
+                               grace, workers > 1, limits, backbone_spec,
+                               (max_request_line, max_header_bytes, max_header_fields)))
 
     if workers == 1:
         child()
@@ -270,6 +274,7 @@ async def _serve_pop(
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
     max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
+    head_limits: tuple[int, int, int] = (8192, 65536, 100),
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -340,7 +345,9 @@ async def _serve_pop(
             stopped.cancel()
             raise SystemExit(2) from exc
     options = PopOptions(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
-                         idle_timeout=idle_timeout, max_lifetime=max_lifetime, limits=limits)
+                         idle_timeout=idle_timeout, max_lifetime=max_lifetime, limits=limits,
+                         max_request_line=head_limits[0], max_header_section=head_limits[1],
+                         max_header_fields=head_limits[2])
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
     runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(), Resolver(static=statics),

@@ -9,6 +9,7 @@ new snapshot with a higher version, swapped in atomically by its holder.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -320,6 +321,17 @@ def _check_data_centers(
             )
         if not -90 <= dc.latitude <= 90 or not -180 <= dc.longitude <= 180:
             issues.append(ValidationIssue(where, "coordinates out of range"))
+        # The city goes into the geofeed (R10): one line per prefix, no room for more.
+        if dc.city != dc.city.strip() or any(not char.isprintable() for char in dc.city):
+            issues.append(ValidationIssue(f"{where}.city", "a city name is printable text "
+                                          "without control characters or surrounding spaces",
+                                          "R10"))
+        if not re.fullmatch(r"[A-Z]{2}", dc.country):
+            issues.append(ValidationIssue(f"{where}.country", "expected an ISO 3166-1 "
+                                          "alpha-2 code like US", "R10"))
+        if dc.region and not re.fullmatch(rf"{re.escape(dc.country)}-[A-Z0-9]{{1,3}}", dc.region):
+            issues.append(ValidationIssue(f"{where}.region", f"expected an ISO 3166-2 code "
+                                          f"of {dc.country}, like {dc.country}-CA", "R10"))
         if not dc.shared_ipv4:
             issues.append(
                 ValidationIssue(

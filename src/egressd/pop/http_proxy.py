@@ -72,7 +72,7 @@ async def serve_http(
     listener's set of live forwarding connections (for drain). A connection whose first
     `head` was read elsewhere (the plain listener's handshake) passes it with its `reader`."""
     if reader is None:
-        reader = RequestHeadReader()
+        reader = runtime.options.head_reader()
     if initial:
         reader.feed(initial)
     served = await _serve(runtime, io, reader, head, forward_connections)

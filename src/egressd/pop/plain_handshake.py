@@ -162,7 +162,7 @@ class PlainHandshake:
                     self.socks = Socks5Server()
                 else:
                     self.state = State.HTTP_HEAD
-                    self.head_reader = RequestHeadReader()
+                    self.head_reader = self.runtime.options.head_reader()
             if self.state is State.HTTP_HEAD:
                 self._http_received(data)
             elif self.state is State.SOCKS:

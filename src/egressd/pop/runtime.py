@@ -39,6 +39,7 @@ from egressd.pop.upstream import (
     interleave_families,
     make_udp_socket,
 )
+from egressd.protocols.http1 import RequestHeadReader
 from egressd.protocols.proxy_v2 import encode_proxy_v2
 
 log = logging.getLogger("egressd.pop")
@@ -96,6 +97,15 @@ class PopOptions:
     via: str = "egressd"
     sockets: SocketOptions = field(default_factory=SocketOptions)
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
+    # Request heads (RFC 9112): larger ones get 414 / 431.
+    max_request_line: int = 8 * 1024
+    max_header_section: int = 64 * 1024
+    max_header_fields: int = 100
+
+    def head_reader(self) -> RequestHeadReader:
+        return RequestHeadReader(max_request_line=self.max_request_line,
+                                 max_header_section=self.max_header_section,
+                                 max_fields=self.max_header_fields)
 
 
 class StateHolder:
