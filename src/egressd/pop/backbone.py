@@ -42,6 +42,7 @@ from egressd.mux import (
     StreamRefused,
     pump,
 )
+from egressd.pop.background import BackgroundTask
 from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.socks5 import ProtocolError, build_udp_datagram, parse_udp_datagram
@@ -340,17 +341,13 @@ class HealthMonitor:
         self.dead_after = dead_after
         self.last_answer: dict[str, float] = {}
         self.rtt_ms: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._run, "backbone-health")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="backbone-health")
+        self._background.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def probe_once(self) -> None:
         peers = [code for code in self.backbone.peers if code != self.code]

@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import httpx
 
+from egressd.pop.background import BackgroundTask
+
 log = logging.getLogger("egressd.pop.flows")
 
 QUEUE_LIMIT: Final = 10_000
@@ -36,7 +38,7 @@ class FlowShipper:
             verify=verify, trust_env=False,
             # No idle connection between batches: nothing held open on either side.
             limits=httpx.Limits(max_keepalive_connections=0))
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._run, "flow-shipper")
         self.sent = 0
         self.dropped = 0
         self._failing = False
@@ -50,14 +52,10 @@ class FlowShipper:
             self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="flow-shipper")
+        self._background.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         with contextlib.suppress(httpx.HTTPError):
             await self._send()  # what is left, once
         await self._client.aclose()
@@ -95,3 +93,4 @@ class FlowShipper:
                 self._queue.extendleft(reversed(batch))  # back in front, in order
                 raise
             self.sent += len(batch)
+

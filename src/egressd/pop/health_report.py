@@ -5,7 +5,6 @@ waits on it: R6 and R11 use the PoP's own view."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import ssl
@@ -14,6 +13,7 @@ from typing import Any, Final
 
 import httpx
 
+from egressd.pop.background import BackgroundTask
 from egressd.pop.runtime import StateHolder
 
 log = logging.getLogger("egressd.pop.health")
@@ -39,18 +39,14 @@ class HealthReporter:
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"}, timeout=5.0, verify=verify,
             trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._run, "health-reporter")
         self._failing = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-reporter")
+        self._background.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         await self._client.aclose()
 
     async def report_once(self) -> None:
