@@ -16,7 +16,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -25,7 +25,7 @@ from egressd.control.api_accounts import get_account
 from egressd.control.api_identity import device_dict, device_id_for, known_user, new_device
 from egressd.control.auth import Principal, hash_token
 from egressd.control.context import problem_if, record
-from egressd.control.deps import AccountId, Caller, Ctx
+from egressd.control.deps import AccountId, Caller, Ctx, throttled
 from egressd.control.document import aware, current_version
 from egressd.control.problems import Problem, not_found
 from egressd.control.tables import AddressRow, AuditRow, DataCenterRow, EnrollmentTokenRow
@@ -174,11 +174,11 @@ def _pops(session: Session) -> list[EnrolledPop]:
 
 
 @router.post("/enroll", response_model=Enrolled, status_code=201, tags=["public"])
-def enroll(body: EnrollIn, ctx: Ctx) -> Enrolled:
+def enroll(body: EnrollIn, ctx: Ctx, request: Request) -> Enrolled:
     """A device enrolls itself with an enrollment token (no admin token): the token is used
     up, the device is created, and its credentials and the PoPs to measure are returned."""
     digest = hash_token(body.token)
-    with ctx.change() as session:
+    with throttled(request), ctx.change() as session:
         row = session.scalar(select(EnrollmentTokenRow)
                              .where(EnrollmentTokenRow.token_sha256 == digest))
         if row is None or not hmac.compare_digest(row.token_sha256, digest):

@@ -28,6 +28,7 @@ from egressd.control.context import ControlContext
 from egressd.control.db import make_engine, migrate, sessions
 from egressd.control.flowfeed import FlowFeed
 from egressd.control.publisher import Publisher
+from egressd.throttle import AuthThrottle
 
 log = logging.getLogger("egressd.control")
 
@@ -37,6 +38,7 @@ class ControlSettings:
     database_url: str = "sqlite:///.egressd/control.db"
     replica: str = ""  # shown in PoP status; defaults to host:pid
     poll_interval: float = 0.2
+    auth_failures_per_source: int = 20  # failed token checks per minute; 0: no limit
 
 
 def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> FastAPI:
@@ -65,6 +67,7 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.state.ctx = ControlContext(sessions=factory, publisher=publisher)
     app.state.engine = engine
     app.state.flows = FlowFeed()
+    app.state.auth_throttle = AuthThrottle(settings.auth_failures_per_source, 60.0)
     problems.install(app)
     app.include_router(api_infra.router)
     app.include_router(api_infra.public)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -10,6 +14,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from egressd.control.auth import Principal, authenticate
 from egressd.control.context import ControlContext
+from egressd.control.problems import Problem
+from egressd.throttle import AuthThrottle
+
+log = logging.getLogger("egressd.control")
 
 bearer = HTTPBearer(auto_error=False, description="An admin, account or PoP token (egd_...)")
 
@@ -29,8 +37,29 @@ def get_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     header = f"Bearer {credentials.credentials}" if credentials else None
-    with get_ctx(request).read() as session:
+    with throttled(request, counts=header is not None), get_ctx(request).read() as session:
         return authenticate(session, header)
+
+
+@contextmanager
+def throttled(request: Request, *, counts: bool = True) -> Iterator[None]:
+    """Refuse a source past its limit of failed authentications (429, Retry-After), and
+    count the 401s raised inside. A missing token is not a guess: it is not counted."""
+    throttle: AuthThrottle = request.app.state.auth_throttle
+    source = request.client.host if request.client else "?"
+    wait = throttle.retry_after(source)
+    if wait > 0:
+        raise Problem(429, "Too many requests", f"too many failed authentications from "
+                      f"{source}; retry in {math.ceil(wait)} s", kind="rate-limited",
+                      headers={"Retry-After": str(math.ceil(wait))})
+    try:
+        yield
+    except Problem as problem:
+        if problem.status == 401 and counts and throttle.failed(source):
+            log.warning("control: %s reached %d failed authentications in %g s; refusing "
+                        "its attempts until the window ends", source, throttle.limit,
+                        throttle.window)
+        raise
 
 
 Ctx = Annotated[ControlContext, Depends(get_ctx)]

@@ -30,6 +30,7 @@ class Problem(Exception):
         rule: str | None = None,
         kind: str | None = None,
         errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -39,6 +40,7 @@ class Problem(Exception):
         self.rule = rule
         self.kind = kind or title.lower().replace(" ", "-")
         self.errors = errors or []
+        self.headers = headers or {}
 
     def document(self, instance: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -121,7 +123,9 @@ def fields_of(prefix: str) -> Iterator[None]:
 
 
 def problem_response(problem: Problem, request: Request) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None
+    headers = dict(problem.headers)
+    if problem.status == 401 and problem.field != "token":  # not for a token in a body
+        headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(
         problem.document(request.url.path),
         status_code=problem.status,

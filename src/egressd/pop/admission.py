@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+from egressd.throttle import AuthThrottle
+
+__all__ = ["AdmissionLimits", "AuthThrottle", "PeerSet", "SourceCounter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,49 +103,3 @@ class SourceCounter:
 
     def __len__(self) -> int:
         return len(self._counts)
-
-
-class AuthThrottle:
-    """Authentication failures per source in fixed windows; bounded memory."""
-
-    MAX_SOURCES = 65_536
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._failures: dict[str, tuple[float, int]] = {}
-
-    def blocked(self, source: str, now: float | None = None) -> bool:
-        if not self.limit:
-            return False
-        entry = self._failures.get(source)
-        if entry is None:
-            return False
-        started, count = entry
-        now = time.monotonic() if now is None else now
-        if now - started >= self.window:
-            del self._failures[source]
-            return False
-        return count >= self.limit
-
-    def failed(self, source: str, now: float | None = None) -> bool:
-        """Count a failure; True if this one reached the limit (log it once)."""
-        if not self.limit:
-            return False
-        now = time.monotonic() if now is None else now
-        started, count = self._failures.get(source, (now, 0))
-        if now - started >= self.window:
-            started, count = now, 0
-        if len(self._failures) >= self.MAX_SOURCES and source not in self._failures:
-            self._prune(now)
-        self._failures[source] = (started, count + 1)
-        return count + 1 == self.limit
-
-    def _prune(self, now: float) -> None:
-        expired = [key for key, (started, _) in self._failures.items()
-                   if now - started >= self.window]
-        for key in expired:
-            del self._failures[key]
-        if len(self._failures) >= self.MAX_SOURCES:  # a flood of sources: forget the oldest
-            for key in list(self._failures)[: len(self._failures) // 2]:
-                del self._failures[key]
