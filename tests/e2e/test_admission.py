@@ -25,6 +25,7 @@ from .helpers import (
     pop_plain,
     read_all,
     socks5_login,
+    socks5_request,
 )
 
 
@@ -233,3 +234,33 @@ async def test_request_head_limits_are_configurable(serve: dict[str, Any]) -> No
                                                    credentials(serve, "acme"))
     await close_writer(writer)
     assert response.status == 200
+
+
+async def udp_associate(serve: dict[str, Any], account: str) -> tuple[int, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*pop_plain(serve))
+    assert await socks5_login(reader, writer, *credentials(serve, account)) == b"\x01\x00"
+    reply, _relay = await socks5_request(reader, writer, 3, "0.0.0.0", 0)
+    return reply, writer
+
+
+@pytest.mark.parametrize("serve", [limits(max_flows_per_account=1)], indirect=True)
+async def test_udp_associations_hold_a_flow_slot(serve: dict[str, Any]) -> None:
+    reply, first = await udp_associate(serve, "acme")
+    assert reply == 0
+    try:
+        reply, second = await udp_associate(serve, "acme")
+        await close_writer(second)
+        assert reply == 0x02  # not allowed: the account's one slot is taken
+        response, _reader, writer = await http_connect(pop_plain(serve), echo_authority(serve),
+                                                       credentials(serve, "acme"))
+        await close_writer(writer)
+        assert response.status == 429
+    finally:
+        await close_writer(first)
+    for _ in range(50):  # the slot comes back when the control connection closes
+        reply, writer = await udp_associate(serve, "acme")
+        await close_writer(writer)
+        if reply == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert reply == 0

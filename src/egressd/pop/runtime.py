@@ -225,6 +225,21 @@ class PopRuntime:
                                 socks_reply=0x02)
         record.admitted = (identity.account, source)
 
+    def admit_association(self, identity: Identity, source: str) -> tuple[str, str] | None:
+        """A flow slot for a UDP association (SOCKS5), or None past a cap."""
+        if not self.flows_per_account.try_acquire(identity.account):
+            self.refuse("flows-per-account")
+            return None
+        if not self.flows_per_source.try_acquire(source):
+            self.flows_per_account.release(identity.account)
+            self.refuse("flows-per-source")
+            return None
+        return identity.account, source
+
+    def release_association(self, slot: tuple[str, str]) -> None:
+        self.flows_per_account.release(slot[0])
+        self.flows_per_source.release(slot[1])
+
     def finish(self, record: FlowRecord) -> None:
         """Write the flow's log line and count it. Called exactly once per flow."""
         if record.admitted is not None:

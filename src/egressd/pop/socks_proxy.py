@@ -121,7 +121,20 @@ async def _connect(runtime: PopRuntime, io: ClientIO, server: Socks5Server, iden
 
 async def _udp_associate(runtime: PopRuntime, io: ClientIO, server: Socks5Server,
                          identity: Identity, request: RequestReceived) -> None:
-    """The association lives as long as its TCP control connection (RFC 1928 §7)."""
+    """The association lives as long as its TCP control connection (RFC 1928 §7). It holds
+    one flow slot of the account and of the source address while it lives (issue 9 caps)."""
+    slot = runtime.admit_association(identity, io.peer[0])
+    if slot is None:
+        await io.send(server.reply(ReplyCode.CONNECTION_NOT_ALLOWED))
+        return
+    try:
+        await _associate(runtime, io, server, identity, request)
+    finally:
+        runtime.release_association(slot)
+
+
+async def _associate(runtime: PopRuntime, io: ClientIO, server: Socks5Server,
+                     identity: Identity, request: RequestReceived) -> None:
     association = UdpAssociation(runtime, identity, client_host=io.peer[0],
                                  requested=(request.host, request.port))
     try:
