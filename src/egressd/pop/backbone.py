@@ -114,8 +114,10 @@ def _reset(sock: socket.socket) -> None:
 class MuxBackbone:
     """The connected PoP's side of the backbone: implements `runtime.Backbone`."""
 
-    def __init__(self, code: str, peers: Mapping[str, Peer], context: ssl.SSLContext) -> None:
+    def __init__(self, code: str, peers: Mapping[str, Peer], context: ssl.SSLContext,
+                 port: int = 7443) -> None:
         self.code = code
+        self.port = port
         self.peers = dict(peers)
         self._context = context
         self.clients: dict[str, MuxClient] = {}
@@ -166,6 +168,23 @@ class MuxBackbone:
             _reset(sock)
             raise
         sock.close()
+
+    async def follow(self, snapshot: Snapshot, port: int) -> None:
+        """Peers come and go with the configuration: new data centers are dialled, links to
+        removed ones (or moved addresses) are closed."""
+        wanted = peers_of(self.code, snapshot, port)
+        if wanted == self.peers:
+            return
+        for code, peer in list(self.peers.items()):
+            if wanted.get(code) != peer:
+                client = self.clients.pop(code, None)
+                if client is not None:
+                    await client.close()
+        added = sorted(set(wanted) - set(self.peers))
+        removed = sorted(set(self.peers) - set(wanted))
+        self.peers = wanted
+        log.info("backbone: peers now %s (added %s, removed %s)", ", ".join(sorted(wanted)) or
+                 "none", ", ".join(added) or "none", ", ".join(removed) or "none")
 
     async def open_udp(self, egress_pop: str, header: FlowHeader) -> DatagramChannel:
         """A UDP association's datagrams to and from its egress PoP, over one stream
@@ -350,6 +369,7 @@ class HealthMonitor:
         await self._background.stop()
 
     async def probe_once(self) -> None:
+        await self.backbone.follow(self.holder.snapshot, self.backbone.port)
         peers = [code for code in self.backbone.peers if code != self.code]
         results = await asyncio.gather(*(self._ping(code) for code in peers))
         now = time.monotonic()
@@ -360,6 +380,9 @@ class HealthMonitor:
             previous = self.rtt_ms.get(code)
             self.rtt_ms[code] = rtt if previous is None else (
                 RTT_SMOOTHING * rtt + (1 - RTT_SMOOTHING) * previous)
+        for gone in set(self.last_answer) - set(peers):
+            self.last_answer.pop(gone, None)
+            self.rtt_ms.pop(gone, None)
         up = {code for code, at in self.last_answer.items() if now - at <= self.dead_after}
         was = self.holder.view.up
         view = HealthView(up=frozenset(up | {self.code}),
@@ -391,6 +414,13 @@ class HealthMonitor:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
 
+def peers_of(code: str, snapshot: Snapshot, port: int) -> dict[str, Peer]:
+    """The other data centers with a backbone address, at the deployment's backbone port."""
+    return {dc.code: Peer(dc.code, str(dc.backbone_address), port)
+            for dc in snapshot.data_centers.values()
+            if dc.backbone_address is not None and dc.code != code}
+
+
 class BackboneStack:
     """A PoP's whole backbone: the links to its peers, its own server, the health monitor.
 
@@ -400,7 +430,7 @@ class BackboneStack:
     """
 
     def __init__(self, code: str, peers: Mapping[str, Peer], pki: Path,
-                 listen: tuple[str, int]) -> None:
+                 listen: tuple[str, int], port: int = 7443) -> None:
         from egressd.mux import client_context, server_context
 
         cert, key, ca = pki / f"pop-{code}.crt", pki / f"pop-{code}.key", pki / "ca.crt"
@@ -409,7 +439,7 @@ class BackboneStack:
                 raise FileNotFoundError(f"{path} is missing (egressd pki pop {code} --dir {pki})")
         self.code = code
         self.listen = listen
-        self.backbone = MuxBackbone(code, peers, client_context(cert, key, ca))
+        self.backbone = MuxBackbone(code, peers, client_context(cert, key, ca), port)
         self._server_context = server_context(cert, key, ca)
         self.server: BackboneServer | None = None
         self.monitor: HealthMonitor | None = None
@@ -417,16 +447,14 @@ class BackboneStack:
     @classmethod
     def for_snapshot(cls, code: str, snapshot: Snapshot, pki: Path, port: int,
                      listen: tuple[str, int] | None = None) -> BackboneStack:
-        peers = {dc.code: Peer(dc.code, str(dc.backbone_address), port)
-                 for dc in snapshot.data_centers.values()
-                 if dc.backbone_address is not None and dc.code != code}
+        peers = peers_of(code, snapshot, port)
         own = snapshot.data_centers.get(code)
         if listen is None:
             if own is None or own.backbone_address is None:
                 raise ValueError(f"data center {code} has no backbone address in the "
                                  "deployment; give --backbone-listen")
             listen = (str(own.backbone_address), port)
-        return cls(code, peers, pki, listen)
+        return cls(code, peers, pki, listen, port)
 
     async def start(self, runtime: PopRuntime, holder: StateHolder) -> None:
         self.server = BackboneServer(runtime, self._server_context, *self.listen)
