@@ -24,11 +24,11 @@ from sqlalchemy.orm import Session
 from egressd.control.api_accounts import get_account
 from egressd.control.api_identity import device_dict, device_id_for, known_user, new_device
 from egressd.control.auth import Principal, hash_token
-from egressd.control.context import problem_if, record
+from egressd.control.context import audit, problem_if, record
 from egressd.control.deps import AccountId, Caller, Ctx, throttled
-from egressd.control.document import aware, current_version
+from egressd.control.document import aware
 from egressd.control.problems import Problem, not_found
-from egressd.control.tables import AddressRow, AuditRow, DataCenterRow, EnrollmentTokenRow
+from egressd.control.tables import AddressRow, DataCenterRow, EnrollmentTokenRow
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 
@@ -81,15 +81,6 @@ class Enrolled(BaseModel):
     pops: list[EnrolledPop]
 
 
-def _audit_only(session: Session, caller: Principal, action: str, resource: str,
-                account_id: str, before: dict[str, Any] | None,
-                after: dict[str, Any] | None) -> None:
-    """Enrollment tokens are audited but are not configuration: no new snapshot version."""
-    session.add(AuditRow(at=datetime.now(UTC), actor=caller.actor, action=action,
-                         resource=resource, account_id=account_id,
-                         version=current_version(session), before=before, after=after))
-
-
 # Enrollment tokens, and enrollment itself
 # --------------------------------------------------------------------------------------
 
@@ -133,9 +124,9 @@ def create_enrollment_token(account_id: AccountId, body: EnrollmentTokenIn, ctx:
                                  expires_at=now + timedelta(minutes=body.expires_in_minutes))
         session.add(row)
         session.flush()
-        _audit_only(session, caller, "create",
-                    f"accounts/{account_id}/enrollment-tokens/{row.id}", account_id, None,
-                    _token_dict(row))
+        audit(session, caller, action="create",
+              resource=f"accounts/{account_id}/enrollment-tokens/{row.id}",
+              account_id=account_id, before=None, after=_token_dict(row))
         return EnrollmentTokenCreated(**_token_out(row, now).model_dump(), token=token)
 
 
@@ -150,9 +141,9 @@ def revoke_enrollment_token(account_id: AccountId, token_id: Annotated[str, Path
             raise not_found("enrollment token", token_id)
         before = _token_dict(row)
         session.delete(row)
-        _audit_only(session, caller, "delete",
-                    f"accounts/{account_id}/enrollment-tokens/{token_id}", account_id, before,
-                    None)
+        audit(session, caller, action="delete",
+              resource=f"accounts/{account_id}/enrollment-tokens/{token_id}",
+              account_id=account_id, before=before, after=None)
     return Response(status_code=204)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from egressd.control.auth import create_token
-from egressd.control.context import problem_if, record
+from egressd.control.context import audit, problem_if, record
 from egressd.control.deps import MAX_INT, NAME, SLUG, Caller, Ctx
 from egressd.control.document import aware, current_version
 from egressd.control.geofeed import geofeed_text
@@ -431,8 +431,9 @@ def new_token(body: TokenIn, ctx: Ctx, caller: Caller) -> TokenCreated:
         row, token = create_token(session, name=body.name, scope=body.scope,
                                   account_id=body.account_id)
         session.flush()
-        _audit_only(session, caller, "create", f"tokens/{row.id}", body.account_id,
-                    None, {"name": row.name, "scope": row.scope})
+        audit(session, caller, action="create", resource=f"tokens/{row.id}",
+              account_id=body.account_id, before=None,
+              after={"name": row.name, "scope": row.scope})
         return TokenCreated(id=row.id, name=row.name, scope=row.scope, account_id=row.account_id,
                             created_at=aware(row.created_at), token=token)
 
@@ -449,17 +450,9 @@ def revoke_token(token_id: Annotated[str, Path(max_length=32)], ctx: Ctx, caller
             caller.require_deployment()
         before = {"name": row.name, "scope": row.scope}
         session.delete(row)
-        _audit_only(session, caller, "delete", f"tokens/{token_id}", row.account_id, before, None)
+        audit(session, caller, action="delete", resource=f"tokens/{token_id}",
+              account_id=row.account_id, before=before, after=None)
     return Response(status_code=204)
-
-
-def _audit_only(session: Session, caller: Any, action: str, resource: str,
-                account_id: str | None, before: dict[str, Any] | None,
-                after: dict[str, Any] | None) -> None:
-    """Token changes are audited but are not configuration: no new snapshot version."""
-    session.add(AuditRow(at=datetime.now(UTC), actor=caller.actor, action=action,
-                         resource=resource, account_id=account_id,
-                         version=current_version(session), before=before, after=after))
 
 
 # Audit log, PoP status, snapshot distribution

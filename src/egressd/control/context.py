@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from egressd.control.auth import Principal
-from egressd.control.document import build_document
+from egressd.control.document import build_document, current_version
 from egressd.control.problems import Problem, conflict, from_validation
 from egressd.control.publisher import Publisher
 from egressd.control.tables import AuditRow, ConfigVersion
@@ -141,8 +141,8 @@ def record(
         .values(version=ConfigVersion.version + 1, changed_at=now)
         .returning(ConfigVersion.version)
     ).scalar_one()
-    session.add(AuditRow(at=now, actor=principal.actor, action=action, resource=resource,
-                         account_id=account_id, version=version, before=before, after=after))
+    audit(session, principal, action=action, resource=resource, account_id=account_id,
+          before=before, after=after, version=int(version), at=now)
     check(session, None if validate is None else list(validate), version)
     return int(version)
 
@@ -159,3 +159,23 @@ def check(session: Session, account_ids: list[str] | None, version: int) -> None
 def problem_if(condition: bool, problem: Problem) -> None:
     if condition:
         raise problem
+
+
+def audit(
+    session: Session,
+    principal: Principal,
+    *,
+    action: str,
+    resource: str,
+    account_id: str | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    version: int | None = None,
+    at: datetime | None = None,
+) -> None:
+    """An audit entry. Without `version` it records a change that is not configuration
+    (tokens, enrollment tokens): the entry carries the version in force, none is made."""
+    session.add(AuditRow(at=at or datetime.now(UTC), actor=principal.actor, action=action,
+                         resource=resource, account_id=account_id,
+                         version=current_version(session) if version is None else version,
+                         before=before, after=after))

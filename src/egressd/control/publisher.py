@@ -142,27 +142,21 @@ class Publisher:
     def record_pop(self, pop: str, version: int) -> None:
         """A PoP's poll carries the version it runs: that is its confirmation."""
         now = datetime.now(UTC)
-        with self._sessions() as session, session.begin():
-            dialect = session.get_bind().dialect.name
-            insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            statement = insert(PopStatusRow).values(
-                pop=pop, version=version, seen_at=now, replica=self.replica
-            )
-            session.execute(statement.on_conflict_do_update(
-                index_elements=[PopStatusRow.pop],
-                set_={"version": version, "seen_at": now, "replica": self.replica},
-            ))
+        self._upsert_pop(pop, {"version": version, "seen_at": now, "replica": self.replica})
 
     def record_health(self, pop: str, health: dict[str, Any]) -> None:
         """A PoP's own view of its peers (R6, R11), shown by /v1/version and the dashboard."""
-        now = datetime.now(UTC)
+        self._upsert_pop(pop, {"health": health})
+
+    def _upsert_pop(self, pop: str, changes: dict[str, Any]) -> None:
+        """Set `changes` on the PoP's row, creating it (version 0: none confirmed yet)."""
+        row = {"pop": pop, "version": 0, "seen_at": datetime.now(UTC), "replica": self.replica,
+               **changes}
         with self._sessions() as session, session.begin():
             dialect = session.get_bind().dialect.name
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            statement = insert(PopStatusRow).values(
-                pop=pop, version=0, seen_at=now, replica=self.replica, health=health)
-            session.execute(statement.on_conflict_do_update(
-                index_elements=[PopStatusRow.pop], set_={"health": health}))
+            session.execute(insert(PopStatusRow).values(**row).on_conflict_do_update(
+                index_elements=[PopStatusRow.pop], set_=changes))
 
     def pop_statuses(self) -> list[PopStatusRow]:
         with self._sessions() as session:
