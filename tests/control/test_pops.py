@@ -29,3 +29,18 @@ def test_only_pops_report_and_bad_views_are_refused(world: Api) -> None:
                 {"up": [], "rtt_ms": {}, "extra": 1}):
         response = world.put("/v1/pops/las/health", bad, token=pop)
         assert response.status_code == 422, (bad, response.text)
+
+
+def test_the_snapshot_is_sent_gzipped_to_pops_that_accept_it(world: Api) -> None:
+    import json
+
+    pop = world.token("pop", name="pop-las")
+    plain = world.client.get("/v1/snapshot", headers={**world.headers(pop),
+                                                      "Accept-Encoding": "identity"})
+    assert plain.status_code == 200 and "content-encoding" not in plain.headers
+    raw = world.client.get("/v1/snapshot", headers={**world.headers(pop),
+                                                    "Accept-Encoding": "gzip"})
+    assert raw.headers["content-encoding"] == "gzip" and raw.headers["vary"] == "Accept-Encoding"
+    # httpx decodes it; the document is the same either way.
+    assert json.loads(raw.content) == json.loads(plain.content)
+    assert raw.num_bytes_downloaded < len(plain.content)  # compressed on the wire

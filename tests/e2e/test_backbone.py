@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import signal
 import socket
 import time
 from pathlib import Path
@@ -259,3 +260,33 @@ async def test_the_egress_pop_refuses_what_the_account_does_not_own(
             await client.ping()
     finally:
         await client.close()
+
+
+async def test_a_silent_pop_is_avoided_and_its_flows_end(egressd_process: Start, tmp_path: Path) -> None:
+    """A frozen PoP sends no reset: the health monitor must notice the silence, avoid it for
+    new flows and drop the link so the flows through it end (R11)."""
+    lab = Backbone(egressd_process, tmp_path)
+    for code in POPS:
+        await lab.start(code)
+    await lab.converged()
+    async with tcp_server("127.0.0.1", tell_source) as origin:
+        las = lab.listen["las"]
+        reader, writer = await asyncio.open_connection(*las)
+        authority = f"{origin[0]}:{origin[1]}"
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                     f"Proxy-Authorization: {basic('acme-laptop', SECRET)}\r\n\r\n".encode())
+        assert (await read_response(reader, body=False)).status == 200
+        assert (await reader.readline()).strip() == b"127.0.2.100"
+        lax = lab.children["lax"]
+        lax.signal(signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            while (source := await seen_source(las, origin)) != "127.0.3.100":
+                assert time.monotonic() - stopped < 3.0, f"still {source} after 3 s"
+                await asyncio.sleep(0.05)
+            async with asyncio.timeout(5.0):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+        finally:
+            lax.signal(signal.SIGCONT)
+            await close_writer(writer)

@@ -200,6 +200,14 @@ class MuxBackbone:
                                 f"({error})", status=502, socks_reply=0x03) from None
         return DatagramChannel(stream, stream.response_headers.get("egressd-local"))
 
+    def drop(self, pop: str) -> None:
+        """Close the link to `pop` (its streams fail now); the next open or ping redials."""
+        client = self.clients.get(pop)
+        if client is not None:
+            task = asyncio.create_task(client.close(), name=f"backbone-drop-{pop}")
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
     async def close(self) -> None:
         for task in list(self._pumps):
             task.cancel()
@@ -388,15 +396,16 @@ class HealthMonitor:
         view = HealthView(up=frozenset(up | {self.code}),
                           rtt_ms={(self.code, peer): round(ms, 3) for peer, ms in self.rtt_ms.items()
                                   if peer in up})
+        self.holder.view = view  # new flows avoid a lost peer from now on
         for lost in sorted((was - view.up) - {self.code}):
             log.warning("backbone: %s stopped answering; new flows avoid it, flows through "
                         "it end (R11)", lost)
             # A silent peer (no reset from its host) would hold its flows for minutes: drop
-            # the link, which fails every stream on it; the next probe reconnects.
-            await self.backbone.client(lost).close()
+            # the link, which fails every stream on it at once. Closing a link to a frozen
+            # peer waits for its TLS goodbye, so that goes on beside the probing.
+            self.backbone.drop(lost)
         for found in sorted((view.up - was) - {self.code}):
             log.info("backbone: %s reachable, RTT %.1f ms", found, self.rtt_ms.get(found, 0.0))
-        self.holder.view = view
 
     async def _ping(self, code: str) -> float | None:
         try:

@@ -370,7 +370,13 @@ class PopRuntime:
             header = FlowHeader(flow_id=record.flow_id, account=record.account or "",
                                 source_address=source, destination=address, port=port,
                                 protocol="tcp", hostname=record.hostname)
-            return await self.backbone.open_tcp(decision.egress_pop or "", header)
+            try:  # a frozen egress PoP must not hold the flow longer than a connect would
+                async with asyncio.timeout(self.options.connect_timeout):
+                    return await self.backbone.open_tcp(decision.egress_pop or "", header)
+            except TimeoutError:
+                raise UpstreamError(f"egress PoP {decision.egress_pop} did not take the flow "
+                                    f"within {self.options.connect_timeout:g} s", status=504,
+                                    socks_reply=0x04) from None
         sock = await connect_tcp(source, address, port, self.options.sockets, self.options.connect_timeout)
         if decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None:
             # R8: the origin sees the dedicated address as the logical source.
