@@ -39,6 +39,7 @@ from egressd.model.snapshot import Snapshot
 from egressd.model.topology import great_circle_km
 from egressd.pki import ensure_ca, ensure_server_cert
 from egressd.pop.control_link import ControlWatcher
+from egressd.pop.device_link import DeviceLinkServer, device_tls_context
 from egressd.pop.flow_shipper import FlowShipper
 from egressd.pop.flowlog import FlowLog
 from egressd.pop.health_report import HealthReporter
@@ -119,6 +120,7 @@ class ServeStack:
         self.settings = settings
         self.echo = EchoServer()
         self.pops: dict[str, PopServer] = {}
+        self.device_links: dict[str, DeviceLinkServer] = {}
         self.backbone = InProcessBackbone()
         self.flowlog: FlowLog | None = None
         self.info: dict[str, Any] = {}
@@ -189,6 +191,7 @@ class ServeStack:
             metrics = PopMetrics()
             resolver = Resolver(static={ECHO_NAME: [ipaddress.ip_address(ECHO_HOST)]})
             tls = server_tls_context(pop_cert.cert_path, pop_cert.key_path)
+            device_tls = device_tls_context(pop_cert.cert_path, pop_cert.key_path)
             holders: dict[str, StateHolder] = {}
             for index, (code, watcher, first) in enumerate(zip(POP_CODES, self.watchers, firsts,
                                                                  strict=True), start=1):
@@ -202,6 +205,10 @@ class ServeStack:
                 server = PopServer(runtime, specs, tls_context=tls)
                 await server.start()
                 self.pops[code] = server
+                link = DeviceLinkServer(runtime, device_tls, settings.host,
+                                        _port(settings.port_base, index * 10 + 2))
+                await link.start()
+                self.device_links[code] = link
                 watcher.start(holder)
         except BaseException:
             await self.close()
@@ -249,6 +256,7 @@ class ServeStack:
                 "http_proxy": f"http://{plain[0]}:{plain[1]}",
                 "https_proxy": f"https://{tls[0]}:{tls[1]}",
                 "socks5": f"socks5://{plain[0]}:{plain[1]}",
+                "device_link": self.device_links[code].url,
                 "shared_ipv4": [str(address) for address in dc.shared_ipv4],
                 "health": f"http://{plain[0]}:{plain[1]}/health",
             }
@@ -276,6 +284,8 @@ class ServeStack:
         }
 
     async def drain(self, grace_seconds: float) -> None:
+        for link in self.device_links.values():
+            link.stop_accepting()
         await drain_all(list(self.pops.values()), grace_seconds)
         await self.close()
 
@@ -292,6 +302,9 @@ class ServeStack:
         for server in self.pops.values():
             await server.close()
         self.pops.clear()
+        for link in self.device_links.values():
+            await link.close()
+        self.device_links.clear()
         if self.control is not None:
             await self.control.stop()
             self.control = None

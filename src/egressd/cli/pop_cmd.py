@@ -68,7 +68,8 @@ def pop(
     first_wait: float = typer.Option(120.0, "--first-snapshot-wait", min=1.0, help="With --control and no copy in --state-dir: seconds to wait for the first snapshot before giving up (exit 2)."),
     listen: list[str] = typer.Option(["127.0.0.1:8080"], "--listen", help="HOST:PORT for HTTP proxy + SOCKS5 (sniffed). Repeatable."),
     https_listen: list[str] = typer.Option([], "--https-listen", help="HOST:PORT for the HTTPS proxy (TLS). Repeatable."),
-    cert: Path | None = typer.Option(None, "--cert", help="Certificate (PEM) for --https-listen."),
+    device_listen: str | None = typer.Option(None, "--device-listen", help="HOST:PORT for device links (TLS 1.3 + HTTP/2 extended CONNECT, one connection per device; `egressd client run`). Needs --cert and --key."),
+    cert: Path | None = typer.Option(None, "--cert", help="Certificate (PEM) for --https-listen and --device-listen."),
     key: Path | None = typer.Option(None, "--key", help="Private key (PEM) for --https-listen."),
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="Processes sharing the listeners (SO_REUSEPORT)."),
     flow_log: str = typer.Option("-", "--flow-log", help="Flow log path; '-' for stderr, 'off' for none."),
@@ -108,6 +109,9 @@ def pop(
     source = _config_source(deployment, code, control, control_token_file, state_dir, control_ca, first_wait)
     if https_listen and (cert is None or key is None):
         raise typer.BadParameter("--https-listen needs --cert and --key", param_hint="--https-listen")
+    if device_listen and (cert is None or key is None):
+        raise typer.BadParameter("--device-listen needs --cert and --key", param_hint="--device-listen")
+    device = _host_port(device_listen, "--device-listen") if device_listen else None
     plain = [_host_port(item, "--listen") for item in listen]
     tls = [_host_port(item, "--https-listen") for item in https_listen]
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
@@ -136,7 +140,7 @@ def pop(
         run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1, limits, backbone_spec,
-                               (max_request_line, max_header_bytes, max_header_fields)))
+                               (max_request_line, max_header_bytes, max_header_fields), device))
 
     if workers == 1:
         child()
@@ -275,6 +279,7 @@ async def _serve_pop(
     max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
     head_limits: tuple[int, int, int] = (8192, 65536, 100),
+    device_listen: tuple[str, int] | None = None,
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -356,12 +361,21 @@ async def _serve_pop(
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]
     context = server_tls_context(cert, key) if tls and cert and key else None
     server = PopServer(runtime, specs, tls_context=context, reuse_port=reuse_port)
+    device_link = None
+    if device_listen is not None and cert is not None and key is not None:
+        from egressd.pop.device_link import DeviceLinkServer, device_tls_context
+
+        device_link = DeviceLinkServer(runtime, device_tls_context(cert, key), *device_listen)
     try:
         await server.start()
+        if device_link is not None:
+            await device_link.start()
         if stack is not None:
             await stack.start(runtime, state)
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
+        if device_link is not None:
+            await device_link.close()
         await server.close()
         if stack is not None:
             await stack.close()
@@ -388,7 +402,11 @@ async def _serve_pop(
 
     reason = await stopped
     log.info("%s: draining for up to %g s", reason, grace)
+    if device_link is not None:
+        device_link.stop_accepting()
     await server.drain(grace)
+    if device_link is not None:
+        await device_link.close()
     if stack is not None:
         await stack.close()
     if shipper is not None:

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     state_dir: Path = typer.Option(Path(".egressd"), "--state-dir", help="Where secrets, certificates, serve.json and the flow log live."),
-    port_base: int = typer.Option(18080, "--port-base", help="Echo on BASE, PoP las on BASE+10/+11, lax +20/+21, jfk +30/+31 (plain/TLS). 0: ephemeral ports."),
+    port_base: int = typer.Option(18080, "--port-base", help="Echo on BASE, PoP las on BASE+10/+11/+12, lax +20/+21/+22, jfk +30/+31/+32 (plain/TLS/device link). 0: ephemeral ports."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the PoP listeners bind."),
     udp: bool = typer.Option(True, "--udp/--no-udp", help="acme's proxy.udp setting (UDP and HTTP/3 leave from dedicated IPs)."),
     grace: float = typer.Option(5.0, "--grace", help="Seconds to let flows finish on SIGTERM/Ctrl-C."),

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from egressd import __version__
 from egressd.control import (
     api_accounts,
+    api_device,
     api_enrollment,
     api_flows,
     api_identity,
@@ -74,6 +75,7 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.include_router(api_accounts.router)
     app.include_router(api_identity.router)
     app.include_router(api_enrollment.router)
+    app.include_router(api_device.router)
     app.include_router(api_policies.router)
     app.include_router(api_ui.router)
     app.include_router(ui.router)

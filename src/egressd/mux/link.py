@@ -77,6 +77,14 @@ class MuxStream:
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.headers.get(':protocol', '')}>"
 
+    @property
+    def peer_address(self) -> tuple[str, int] | None:
+        """The far end's (host, port) of the connection carrying this stream: a device
+        link authenticates and throttles per source address."""
+        transport = self._link.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return (str(peer[0]), int(peer[1])) if peer else None
+
     # --- reading ------------------------------------------------------------------
 
     async def read(self) -> bytes:

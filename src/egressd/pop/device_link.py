@@ -1,0 +1,160 @@
+"""The device-facing multiplexed listener: one TLS + HTTP/2 connection per device, one
+extended CONNECT stream per flow (DESIGN §4 Device -> PoP, issue 7), so a flow costs no
+handshake.
+
+The device proves who it is with its enrollment credential in ``proxy-authorization``
+(Basic device-id:secret) on every stream, checked by `PopRuntime.authenticate` like a
+SOCKS5 or HTTP proxy login: the same constant-time check, the same throttle per source
+address (R13: nothing is proxied for an unauthenticated client). TLS authenticates the
+PoP to the device (the deployment CA); the device presents no certificate.
+
+A ``connect-tcp`` flow then takes exactly the path of a SOCKS5 CONNECT: admission,
+decision, upstream connect (locally or over the backbone), flow log and metrics. Its
+answer carries what the device shows its user: the flow id, the connected and the egress
+PoP (R7: both visible), the source address and port used.
+
+Not carried yet: ``connect-udp`` (RFC 9298) flows are refused with 501 and a reason;
+devices reach UDP through the PoP's SOCKS5 UDP ASSOCIATE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from pathlib import Path
+from typing import Final
+
+from egressd.mux import MuxServer, MuxStream, PeerIdentity, PumpError, pump
+from egressd.mux.errors import MuxError, Side
+from egressd.pop.identity import Identity
+from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.upstream import UpstreamError
+from egressd.protocols.masque import PROTOCOL_TCP, PROTOCOL_UDP, parse_basic, parse_target
+
+__all__ = ["DeviceLinkServer", "device_tls_context"]
+
+log = logging.getLogger("egressd.pop.device_link")
+
+AUTH_REALM: Final = 'Basic realm="egressd"'
+
+
+def device_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.3, ALPN h2, no client certificate: devices authenticate per stream."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class DeviceLinkServer:
+    """Serves device links for one PoP runtime on ``host``:``port`` (0: any free port)."""
+
+    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int) -> None:
+        self.runtime = runtime
+        self.server = MuxServer(context, self._handle, host=host, port=port,
+                                handshake_timeout=runtime.options.handshake_timeout)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        log.info("PoP %s: device link on %s", self.runtime.code, self.url)
+
+    def stop_accepting(self) -> None:
+        """Drain: new flows are refused with 503; flows in progress go on."""
+        self.runtime.draining = True
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    async def _handle(self, stream: MuxStream, _peer: PeerIdentity) -> None:
+        runtime = self.runtime
+        peer = stream.peer_address or ("?", 0)
+        identity = self._identity(stream, peer)
+        if identity is None:
+            return
+        protocol = stream.headers.get(":protocol", "")
+        if protocol == PROTOCOL_UDP:
+            await stream.refuse(501, "connect-udp is not carried over the device link yet; "
+                                "use the PoP's SOCKS5 UDP ASSOCIATE")
+            return
+        if protocol != PROTOCOL_TCP:
+            await stream.refuse(501, f"protocol {protocol[:40]!r} is not carried")
+            return
+        try:
+            host, port = parse_target(protocol, stream.headers.get(":path", ""))
+        except ValueError as error:
+            runtime.metrics.protocol_errors.labels(runtime.code, "device-link").inc()
+            await stream.refuse(400, str(error))
+            return
+        if runtime.draining:
+            await stream.refuse(503, f"PoP {runtime.code} is draining")
+            return
+        await self._tcp(stream, peer, identity, host, port)
+
+    def _identity(self, stream: MuxStream, peer: tuple[str, int]) -> Identity | None:
+        """The device behind the stream's credentials; otherwise answers 407 itself."""
+        runtime = self.runtime
+        credentials = parse_basic(stream.headers.get("proxy-authorization"))
+        identity = runtime.authenticate(credentials, peer)
+        if identity is not None:
+            return identity
+        reason = "device credentials required"
+        if credentials is not None:
+            runtime.metrics.auth_failures.labels(runtime.code, "device-link").inc()
+            record = runtime.new_record("tcp", peer)
+            record.outcome = "auth-failed"
+            record.error = f"wrong credentials for device {credentials[0][:100]!r}"
+            runtime.finish(record)
+            reason = "wrong device credentials"
+        with contextlib.suppress(MuxError):
+            stream.refuse_now(407, reason)
+        return None
+
+    async def _tcp(self, stream: MuxStream, peer: tuple[str, int], identity: Identity,
+                   host: str, port: int) -> None:
+        runtime = self.runtime
+        record = runtime.new_record("tcp", peer)
+        record.account, record.user, record.device = identity.account, identity.user, identity.device
+        record.destination = host
+        try:
+            upstream = await runtime.open_tcp(identity, host, port, record)
+        except FlowRefused as refused:
+            record.outcome, record.error = "refused", refused.decision.reason
+            runtime.finish(record)
+            await stream.refuse(403, refused.decision.reason)
+            return
+        except UpstreamError as error:
+            record.outcome, record.error = "upstream-error", error.reason
+            runtime.finish(record)
+            await stream.refuse(error.status, error.reason)
+            return
+        decision = record.decision
+        egress_pop = (decision.egress_pop if decision is not None else None) or runtime.code
+        runtime.active_tcp.inc()
+        try:
+            await stream.accept({"egressd-flow": record.flow_id,
+                                 "egressd-connected-pop": runtime.code,
+                                 "egressd-egress-pop": egress_pop,
+                                 "egressd-local": record.local_address or ""})
+            record.bytes_up, record.bytes_down = await pump(stream, upstream)
+            record.closed_by = "client"
+        except PumpError as error:
+            record.bytes_up, record.bytes_down = error.to_socket, error.to_stream
+            record.closed_by = "client" if error.side is Side.STREAM else "upstream"
+            record.error = str(error)
+        except MuxError as error:
+            record.closed_by, record.error = "client", str(error)
+        finally:
+            upstream.close()
+            runtime.active_tcp.dec()
+            runtime.finish(record)
