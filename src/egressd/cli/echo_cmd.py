@@ -150,6 +150,14 @@ def echo_command(
             help="Accept a PROXY protocol v2 header at the start of a connection.",
         ),
     ] = True,
+    report_link: Annotated[
+        bool,
+        typer.Option(
+            "--report-link",
+            help="Name the interface each client's packets arrived on: link=NAME in /trace and "
+            "as a third field of UDP replies (the lab's proof of the egress PoP).",
+        ),
+    ] = False,
 ) -> None:
     """Run the echo origin (address, trace, geolocation) until interrupted."""
     hosts = host or ["127.0.0.1"]
@@ -163,7 +171,7 @@ def echo_command(
     certfile, keyfile = (None, None)
     if h3_port is not None:
         certfile, keyfile = _h3_credentials(hosts, cert, key, pki_dir)
-    echo = EchoServer(accept_proxy_v2=proxy_protocol)
+    echo = EchoServer(accept_proxy_v2=proxy_protocol, report_link=report_link)
     start = functools.partial(
         echo.start,
         hosts,

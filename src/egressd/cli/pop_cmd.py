@@ -74,6 +74,7 @@ def pop(
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="Processes sharing the listeners (SO_REUSEPORT)."),
     flow_log: str = typer.Option("-", "--flow-log", help="Flow log path; '-' for stderr, 'off' for none."),
     static_host: list[str] = typer.Option([], "--host", help="NAME=IP static name for the resolver (labs, tests). Repeatable."),
+    dns_upstream: list[str] = typer.Option([], "--dns-upstream", help="IP[:PORT] ([IPv6]:PORT) of a DNS server to resolve flows' hostnames with, asked from this PoP's shared address (R4). Repeatable: tried in order. Default: the system resolver."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="Seconds to connect upstream."),
     handshake_timeout: float = typer.Option(10.0, "--handshake-timeout", help="Seconds a client has to finish its request."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", help="Seconds an idle tunnel is kept."),
@@ -124,6 +125,7 @@ def pop(
         if not sep or not name:
             raise typer.BadParameter(f"expected NAME=IP, got {item!r}", param_hint="--host")
 
+    upstreams = [_dns_server(item) for item in dns_upstream]
     if pki is not None and workers > 1:
         raise typer.BadParameter("the backbone (--pki) runs in one process for now: use --workers 1",
                                  param_hint="--workers")
@@ -137,7 +139,7 @@ def pop(
     hold_signals()
 
     def child() -> None:
-        run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, statics,
+        run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, (statics, upstreams),
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1, limits, backbone_spec,
                                (max_request_line, max_header_bytes, max_header_fields), device))
@@ -146,6 +148,36 @@ def pop(
         child()
         return
     _run_workers(workers, child)
+
+
+def shared_source(state: StateHolder | None, code: str,
+                  version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The PoP's first shared address of that IP version: where its own DNS queries leave from (R4)."""
+    dc = state.snapshot.data_centers.get(code) if state is not None else None
+    if dc is None:
+        return None
+    if version == 4:
+        return dc.shared_ipv4[0] if dc.shared_ipv4 else None
+    return dc.shared_ipv6.network_address + 1 if dc.shared_ipv6 is not None else None
+
+
+def _dns_server(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """IP, IP:PORT or [IPv6]:PORT (port 53 by default)."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text) if port_text.isdigit() else -1
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not 0 < port < 65536:
+        raise typer.BadParameter(f"expected IP, IP:PORT or [IPv6]:PORT, got {text!r}", param_hint="--dns-upstream")
+    return address, port
 
 
 def _fail(message: str) -> typer.Exit:
@@ -274,7 +306,8 @@ def _run_workers(count: int, child: object) -> None:
 async def _serve_pop(
     source: Path | ControlSource, code: str, plain: list[tuple[str, int]], tls: list[tuple[str, int]],
     cert: Path | None, key: Path | None, flow_log: str,
-    statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
+    names: tuple[dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
+                 list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]],
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
     max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
@@ -355,7 +388,9 @@ async def _serve_pop(
                          max_header_fields=head_limits[2])
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
-    runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(), Resolver(static=statics),
+    resolver = Resolver(static=names[0], upstreams=names[1])
+    resolver.source_for = lambda version: shared_source(state, code, version)
+    runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(), resolver,
                          options, flowlog, metrics)
     specs = [ListenerSpec(host, port) for host, port in plain]
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]

@@ -24,6 +24,7 @@ import errno
 import http
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from aioquic.h3.events import H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent
 
+from egressd.echo import arrival
 from egressd.protocols.geofeed import GeofeedIndex
 from egressd.protocols.proxy_v2 import (
     SIGNATURE,
@@ -80,6 +82,7 @@ class ClientView:
     peer: tuple[str, int]
     proxy_protocol: bool
     http: str
+    link: str | None = None  # the interface the packets arrived on (lab: the egress PoP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ def render_trace(client: ClientView, geofeed: GeofeedIndex | None) -> str:
     if client.proxy_protocol:
         lines.append(f"peer={normalize_address(client.peer[0])}")
     lines.append(f"http={client.http}")
+    if client.link is not None:
+        lines.append(f"link={client.link}")
     entry = geofeed.lookup(ip) if geofeed is not None and ip is not None else None
     if entry is not None:
         lines += [f"country={entry.country}", f"region={entry.region}", f"city={entry.city}"]
@@ -153,8 +158,10 @@ def respond(
     return EchoResponse(200, body.encode(), _TEXT_HEADERS)
 
 
-def udp_reply(datagram: bytes, peer: tuple[str, int], accept_proxy_v2: bool) -> bytes | None:
-    """The answer to one datagram, or None to drop it (a broken PROXY header)."""
+def udp_reply(datagram: bytes, peer: tuple[str, int], accept_proxy_v2: bool,
+              link: str | None = None) -> bytes | None:
+    """The answer to one datagram, or None to drop it (a broken PROXY header).
+    With `link` (the arrival interface), a third field ``link=NAME``."""
     address, port = peer
     if accept_proxy_v2 and len(datagram) >= len(SIGNATURE) and looks_like_proxy_v2(datagram):
         try:
@@ -165,6 +172,8 @@ def udp_reply(datagram: bytes, peer: tuple[str, int], accept_proxy_v2: bool) -> 
             return None  # truncated: a datagram never continues
         if header.source is not None:
             address, port = header.source
+    if link is not None:
+        return f"{normalize_address(address)} {port} link={link}\n".encode()
     return f"{normalize_address(address)} {port}\n".encode()
 
 
@@ -280,6 +289,25 @@ class _UdpEcho(asyncio.DatagramProtocol):
         if reply is not None and self._transport is not None:
             self._transport.sendto(reply, addr)
 
+    def readable(self, sock: socket.socket) -> None:
+        """With report_link: asyncio's datagram transport drops ancillary data, so the
+        socket is read here with recvmsg to learn the arrival interface."""
+        for _ in range(64):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(65535, arrival.ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp echo: %s", exc)
+                return
+            reply = udp_reply(data, (str(addr[0]), int(addr[1])), self._accept_proxy_v2,
+                              arrival.interface_of(ancillary) or "?")
+            if reply is not None:
+                try:
+                    sock.sendto(reply, addr)
+                except OSError as exc:
+                    log.debug("udp echo reply: %s", exc)
+
     def error_received(self, exc: Exception) -> None:
         log.debug("udp echo: %s", exc)  # ICMP errors for earlier replies: nothing to do
 
@@ -322,8 +350,10 @@ class EchoServer:
     >>> await echo.close()
     """
 
-    def __init__(self, *, accept_proxy_v2: bool = True, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, *, accept_proxy_v2: bool = True, idle_timeout: float = IDLE_TIMEOUT,
+                 report_link: bool = False) -> None:
         self.accept_proxy_v2 = accept_proxy_v2
+        self.report_link = report_link  # add link=<arrival interface> (TCP trace, UDP reply)
         self.idle_timeout = idle_timeout
         #: Replaceable at any time (for a new feed); read per request.
         self.geofeed: GeofeedIndex | None = None
@@ -462,6 +492,9 @@ class EchoServer:
     async def _bind_http(self, host: str, port: int) -> list[_Listener]:
         server = await asyncio.start_server(self._on_connection, host, port)
         self._tcp_servers.append(server)
+        if self.report_link:
+            for sock in server.sockets:
+                arrival.enable(sock)
         return [
             _Listener("http", (sock.getsockname()[0], sock.getsockname()[1]), server.close)
             for sock in server.sockets
@@ -469,11 +502,33 @@ class EchoServer:
 
     async def _bind_udp(self, host: str, port: int) -> list[_Listener]:
         loop = asyncio.get_running_loop()
+        if self.report_link:
+            return self._bind_udp_with_link(loop, host, port)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _UdpEcho(self.accept_proxy_v2), local_addr=(host, port)
         )
         sockname = transport.get_extra_info("sockname")
         return [_Listener("udp", (sockname[0], sockname[1]), transport.close)]
+
+    def _bind_udp_with_link(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[_Listener]:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(info[4])
+            arrival.enable(sock)
+        except OSError:
+            sock.close()
+            raise
+        protocol = _UdpEcho(self.accept_proxy_v2)
+        loop.add_reader(sock.fileno(), protocol.readable, sock)
+
+        def close() -> None:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+        sockname = sock.getsockname()
+        return [_Listener("udp", (sockname[0], sockname[1]), close)]
 
     async def _bind_h3(
         self, host: str, port: int, configuration: QuicConfiguration
@@ -552,7 +607,8 @@ class EchoServer:
                     return
             elif isinstance(event, h11.EndOfMessage) and request is not None:
                 version = request.http_version.decode("ascii", "replace")
-                client = ClientView(address, port, peer, had_header, version)
+                link = arrival.tcp_arrival(writer.get_extra_info("socket")) if self.report_link else None
+                client = ClientView(address, port, peer, had_header, version, link)
                 method = request.method.decode("ascii", "replace")
                 target = request.target.decode("ascii", "replace")
                 answer = respond(method, target, client, self.geofeed)

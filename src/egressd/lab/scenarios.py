@@ -1,0 +1,356 @@
+"""`egressd lab run seed`: the seed's story, told by what the origins saw.
+
+A device at the lab's first site, of the first enterprise account with active dedicated
+locations, sends one request per case through its PoP. Each row reports what the *origin*
+observed — the source address in the echo's trace, the interface the packets arrived on
+(named after the PoP whose link it is), the city the geofeed gives that address, or the
+source the lab's DNS server logged — and compares it with what the seed promises. The PoP's
+own flow log is not consulted. The scenario leaves the lab as it found it: `proxy_udp` is
+restored and the PoP stopped for the failover is started again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from egressd.lab import netns
+from egressd.lab.plan import INTERNET, LabError, Origin
+from egressd.lab.runner import (
+    ECHO_HTTP_PORT,
+    ECHO_UDP_PORT,
+    Lab,
+    pop_health,
+    start_pop,
+    wait_backbone,
+)
+from egressd.model.accounts import DedicatedLocation
+from egressd.protocols.geofeed import GeofeedIndex
+
+FAILOVER_WITHIN = 3.0  # R11: a dead location is avoided for new flows within 3 s
+PROBE_TIMEOUT = 20.0
+
+
+@dataclass(slots=True)
+class Row:
+    case: str
+    destination: str
+    family: int
+    connected: str
+    egress_pop: str = "-"  # observed: the link the packets arrived on
+    source: str = "-"  # observed: the address the origin saw
+    geolocation: str = "-"  # the geofeed's city for that address
+    expected: str = ""
+    ok: bool = False
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Result:
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(row.ok for row in self.rows)
+
+    def table(self) -> str:
+        header = ("case", "destination", "fam", "connected", "egress PoP", "source seen by origin",
+                  "geolocation", "")
+        lines = [header] + [(r.case, r.destination, str(r.family), r.connected, r.egress_pop, r.source,
+                             r.geolocation, ("ok" if r.ok else f"FAIL: expected {r.expected}")
+                             + (f" ({r.note})" if r.note else "")) for r in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+        out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) + "  " + line[-1]
+               for line in lines]
+        out.insert(1, "-" * len(out[0]))
+        verdict = "all rows as the seed says" if self.ok else "SOME ROWS DIFFER from the seed"
+        return "\n".join(out) + f"\n\n{sum(r.ok for r in self.rows)}/{len(self.rows)} rows ok: {verdict}\n"
+
+
+def run(name: str, lab: Lab) -> Result:
+    scenarios: dict[str, Callable[[Lab], Result]] = {"seed": seed}
+    if name not in scenarios:
+        raise LabError(f"unknown scenario {name!r}; known: {', '.join(scenarios)}")
+    return scenarios[name](lab)
+
+
+class Device:
+    """Requests from a device in its site's namespace, through its PoP."""
+
+    def __init__(self, lab: Lab, site_role: str, device: str, secret: str, pop: str) -> None:
+        self.lab, self.site_role, self.device, self.pop = lab, site_role, device, pop
+        self.credentials = lab.directory / f"device-{device}.credentials"
+        if not self.credentials.exists():
+            self.credentials.touch(mode=0o600)
+            self.credentials.write_text(f"{device}:{secret}\n", encoding="utf-8")
+        self.proxy = f"{lab.plan.pop_address(pop)}:{lab.plan.proxy_port}"
+
+    def _probe(self, *args: str) -> dict[str, Any]:
+        command = self.lab.exec_in(self.site_role, sys.executable, "-m", "egressd.lab.probe", *args)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"no answer within {PROBE_TIMEOUT:g} s"}
+        try:
+            answer: dict[str, Any] = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            return {"ok": False, "error": (result.stderr.strip() or "no output")[-300:]}
+        return answer
+
+    def http(self, url: str) -> dict[str, Any]:
+        """Through the HTTP proxy; IPv6 literals through SOCKS5 (see probe.socks5_http_probe)."""
+        kind = "socks5-http" if "[" in url else "http"
+        return self._probe(kind, self.proxy, str(self.credentials), url)
+
+    def udp(self, host: str, port: int) -> dict[str, Any]:
+        return self._probe("udp", self.proxy, str(self.credentials), host, str(port))
+
+
+def _url(address: ipaddress.IPv4Address | ipaddress.IPv6Address, path: str = "/trace") -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{ECHO_HTTP_PORT}{path}"
+
+
+def _observed_pop(lab: Lab, origin: Origin, link: str | None) -> str:
+    """The PoP whose link the origin's packets arrived on."""
+    if link is None:
+        return "?"
+    if origin.namespace_role == INTERNET:
+        return link
+    site = next((p for p in lab.plan.private_sites if f"p-{p.name}" == origin.namespace_role), None)
+    return site.pop if site is not None else link
+
+
+def _fill(row: Row, lab: Lab, origin: Origin, answer: dict[str, Any], geofeed: GeofeedIndex) -> None:
+    if not answer.get("ok"):
+        row.note = str(answer.get("error", "failed"))[:160]
+        return
+    trace = answer.get("trace", {})
+    row.source = trace.get("ip", "?")
+    if trace.get("proxy_protocol") == "yes":
+        row.source += f" (PROXY v2; packets from {trace.get('peer')})"
+    row.egress_pop = _observed_pop(lab, origin, trace.get("link"))
+    row.geolocation = trace.get("city") or _city(geofeed, trace.get("ip"))
+
+
+def _city(geofeed: GeofeedIndex, address: str | None) -> str:
+    try:
+        entry = geofeed.lookup(ipaddress.ip_address(address or ""))
+    except ValueError:
+        return "?"
+    return entry.city if entry is not None else "-"
+
+
+def _primary(lab: Lab, connected: str, locations: tuple[DedicatedLocation, ...]) -> DedicatedLocation:
+    """The location the seed expects: the most performant from the connected PoP (R6)."""
+    def delay(location: DedicatedLocation) -> float:
+        if location.home_pop == connected:
+            return 0.0
+        for link in lab.plan.links:
+            if {link.a_role, link.b_role} == {connected, location.home_pop}:
+                return link.delay_ms
+        return float("inf")
+    return min(locations, key=lambda location: (delay(location), location.id))
+
+
+def set_network(text: str, account: str, key: str, value: str) -> str:
+    """`text` (a deployment file) with `key = value` in `account`'s [accounts.network]."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.fullmatch(rf'\s*id\s*=\s*"{re.escape(account)}"\s*', line)),
+                 None)
+    if start is None:
+        raise LabError(f"account {account!r} is not in the deployment")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "[[accounts]]"), len(lines))
+    table = next((i for i in range(start, end) if lines[i].strip() == "[accounts.network]"), None)
+    if table is None:  # after the account's own keys, before its first sub-table
+        table = next((i for i in range(start + 1, end) if lines[i].strip().startswith("[")), end)
+        lines.insert(table, "  [accounts.network]")
+        end += 1
+    stop = next((i for i in range(table + 1, end) if lines[i].strip().startswith("[")), end)
+    for i in range(table + 1, stop):
+        if re.match(rf"\s*{key}\s*=", lines[i]):
+            lines[i] = f"  {key} = {value}"
+            break
+    else:
+        lines.insert(table + 1, f"  {key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _apply(lab: Lab, text: str) -> None:
+    """Write the deployment, SIGHUP the PoPs, wait until each serves the new version."""
+    before = {code: (pop_health(lab, code) or {}).get("snapshot_version", 0) for code in lab.plan.snapshot.data_centers}
+    lab.deployment_path.write_text(text, encoding="utf-8")
+    lab.reload_pops()
+    deadline = time.monotonic() + 10
+    for code, version in before.items():
+        while (pop_health(lab, code) or {}).get("snapshot_version", 0) <= version:
+            if time.monotonic() > deadline:
+                raise LabError(f"PoP {code} did not reload {lab.deployment_path}")
+            time.sleep(0.1)
+
+
+def seed(lab: Lab) -> Result:
+    plan = lab.plan
+    if not plan.sites:
+        raise LabError("the seed scenario needs a [[lab.sites]] with devices")
+    site = plan.sites[0]
+    snapshot = plan.snapshot
+    owner = {device.id: entry for entry in snapshot.accounts.values() for device in entry.account.devices}
+    enterprise = next((d for d in site.devices if owner[d].dedicated_active), None)
+    free = next((d for d in site.devices if not owner[d].account.locations), None)
+    if enterprise is None:
+        raise LabError(f"site {site.name} has no device of an account with active dedicated egress")
+    entry = owner[enterprise]
+    account = entry.account.id
+    connected = site.pop
+    locations = entry.active_locations
+    primary = _primary(lab, connected, locations)
+    secondary = _primary(lab, connected, tuple(loc for loc in locations if loc is not primary))
+    shared = {str(a) for a in snapshot.data_centers[connected].shared_ipv4}
+    geofeed = GeofeedIndex.from_text((lab.directory / "geofeed.csv").read_text(encoding="utf-8"))
+    home_city = {loc.id: snapshot.data_centers[loc.home_pop].city for loc in locations}
+    connected_city = snapshot.data_centers[connected].city
+    device = Device(lab, f"s-{site.name}", enterprise, site.devices[enterprise], connected)
+    echo = next(o for o in plan.origins if o.kind == "echo" and o.namespace_role == INTERNET)
+    cdn = next((o for o in plan.origins if o.kind == "in-network"), None)
+    private = next((o for o in plan.origins if o.namespace_role != INTERNET), None)
+    result = Result()
+
+    def http_row(case: str, origin: Origin, family: int, check: Callable[[Row], bool], expected: str,
+                 probe: Device = device) -> Row:
+        address = origin.ipv4 if family == 4 else origin.ipv6
+        assert address is not None
+        row = Row(case, f"{origin.name} {address}", family, connected, expected=expected)
+        _fill(row, lab, origin, probe.http(_url(address)), geofeed)
+        row.ok = row.note == "" and check(row)
+        result.rows.append(row)
+        return row
+
+    def subrange_of(location: DedicatedLocation, source: str) -> bool:
+        if location.ipv6 is None:
+            return False
+        from egressd.decide import ipv6_subrange
+        try:
+            return ipaddress.ip_address(source.split()[0]) in ipv6_subrange(location.ipv6, snapshot.data_centers[connected].slot)
+        except ValueError:
+            return False
+
+    http_row("ordinary site, IPv4 (R6, R7)", echo, 4,
+             lambda r: r.egress_pop == primary.home_pop and r.source == str(primary.ipv4)
+             and r.geolocation == home_city[primary.id],
+             f"leaves {primary.home_pop} from {primary.ipv4}, {home_city[primary.id]}")
+    if cdn is not None:
+        http_row("in-network site, IPv4 (R8)", cdn, 4,
+                 lambda r: r.egress_pop == connected and r.source.startswith(f"{primary.ipv4} (PROXY v2; packets from ")
+                 and r.source.split("from ")[1].rstrip(")") in shared,
+                 f"leaves {connected}, PROXY v2 source {primary.ipv4}")
+    if echo.ipv6 is not None and primary.ipv6 is not None:
+        http_row("ordinary site, IPv6 (R9)", echo, 6,
+                 lambda r: r.egress_pop == connected and subrange_of(primary, r.source)
+                 and r.geolocation == home_city[primary.id],
+                 f"leaves {connected} from {primary.ipv6}'s {connected} sub-range, {home_city[primary.id]}")
+    if cdn is not None and cdn.ipv6 is not None and primary.ipv6 is not None:
+        http_row("in-network site, IPv6 (R9)", cdn, 6,
+                 lambda r: r.egress_pop == connected and subrange_of(primary, r.source)
+                 and r.geolocation == home_city[primary.id],
+                 f"leaves {connected} from {primary.ipv6}'s {connected} sub-range, {home_city[primary.id]}")
+    result.rows.append(_dns_row(lab, device, echo, connected, shared, geofeed))
+    if private is not None:
+        http_row("private origin over a WAN route (R4)", private, 4,
+                 lambda r: r.source in shared and r.egress_pop == connected,
+                 f"a {connected} shared address, never a dedicated one")
+    if free is not None:
+        free_device = Device(lab, f"s-{site.name}", free, site.devices[free], connected)
+        http_row(f"free account {owner[free].account.id} (R1)", echo, 4,
+                 lambda r: r.source in shared and r.egress_pop == connected and r.geolocation == connected_city,
+                 f"a {connected} shared address", probe=free_device)
+    original = lab.deployment_path.read_text(encoding="utf-8")
+    try:
+        for setting in ("false", "true"):
+            _apply(lab, set_network(original, account, "proxy_udp", setting))
+            row = Row(f"UDP, proxy.udp {'on' if setting == 'true' else 'off'} (R3)", f"{echo.name} {echo.ipv4}:{ECHO_UDP_PORT}",
+                      4, connected)
+            _fill(row, lab, echo, device.udp(str(echo.ipv4), ECHO_UDP_PORT), geofeed)
+            if setting == "true":
+                row.expected = f"leaves {primary.home_pop} from {primary.ipv4}"
+                row.ok = row.egress_pop == primary.home_pop and row.source == str(primary.ipv4)
+            else:
+                row.expected = f"a {connected} shared address"
+                row.ok = row.egress_pop == connected and row.source in shared
+            row.ok = row.ok and row.note == ""
+            result.rows.append(row)
+    finally:
+        _apply(lab, original)
+    result.rows.append(_failover_row(lab, device, echo, connected, primary, secondary, geofeed))
+    return result
+
+
+def _dns_row(lab: Lab, device: Device, echo: Origin, connected: str, shared: set[str],
+             geofeed: GeofeedIndex) -> Row:
+    """A name only this row asks for: the lab DNS server's log says who asked for it (R4)."""
+    name = f"r{secrets.token_hex(4)}.{echo.name}.{lab.plan.zone}"
+    row = Row("DNS query by the gateway (R4)", name, 4, connected,
+              expected=f"asked from a {connected} shared address")
+    answer = device.http(f"http://{name}:{ECHO_HTTP_PORT}/")
+    if not answer.get("ok"):
+        row.note = str(answer.get("error", "failed"))[:160]
+    sources = []
+    try:
+        for line in lab.dns_log.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry.get("name", "").rstrip(".") == name:
+                sources.append(entry["source"])
+    except (OSError, json.JSONDecodeError) as exc:
+        row.note = f"cannot read the DNS log: {exc}"
+    if sources:
+        row.source = sorted(set(sources))[0] if len(set(sources)) == 1 else ", ".join(sorted(set(sources)))
+        owners = {_owner_pop(lab, s) for s in sources}
+        row.egress_pop = ", ".join(sorted(owners))
+        row.geolocation = _city(geofeed, sources[0])
+    row.ok = bool(sources) and set(sources) <= shared and not row.note
+    return row
+
+
+def _owner_pop(lab: Lab, source: str) -> str:
+    for code, dc in lab.plan.snapshot.data_centers.items():
+        if source in {str(a) for a in dc.shared_ipv4}:
+            return code
+    return "?"
+
+
+def _failover_row(lab: Lab, device: Device, echo: Origin, connected: str, primary: DedicatedLocation,
+                  secondary: DedicatedLocation, geofeed: GeofeedIndex) -> Row:
+    """Stop the primary's PoP (SIGKILL, like a crash); new flows must leave the secondary within 3 s."""
+    row = Row(f"failover: {primary.home_pop} stopped (R11)", f"{echo.name} {echo.ipv4}", 4, connected,
+              expected=f"leaves {secondary.home_pop} from {secondary.ipv4} within {FAILOVER_WITHIN:g} s")
+    netns.kill_all(lab.pop_pids(primary.home_pop), grace=0.0)
+    stopped = time.monotonic()
+    try:
+        started = stopped
+        while time.monotonic() - stopped < FAILOVER_WITHIN + 5:
+            started = time.monotonic()  # the flow that counts is a new one, started after the stop
+            answer = device.http(_url(echo.ipv4))
+            row.note = ""
+            _fill(row, lab, echo, answer, geofeed)
+            if row.source == str(secondary.ipv4):
+                break
+            time.sleep(0.1)
+        elapsed = started - stopped
+        row.ok = row.source == str(secondary.ipv4) and row.egress_pop == secondary.home_pop and elapsed <= FAILOVER_WITHIN
+        problem = f"; last error: {row.note}" if row.note else ""
+        row.note = f"first flow via {secondary.home_pop} started {elapsed:.1f} s after the stop{problem}"
+    finally:
+        start_pop(lab, primary.home_pop)
+        wait_backbone(lab, time.monotonic() + 20)
+    return row

@@ -1,0 +1,192 @@
+"""`egressd lab` as root: the seed's table, row by row, from what the origins observed
+(issue 5), real clients in the device's namespace, and nothing left behind by `down`, by a
+failed `up` or by an interrupted one. Each test's lab has a unique name."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressd.cli.lab_cmd import DEFAULT_TOPOLOGY
+from egressd.lab import netns, runner
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
+
+EGRESSD = [sys.executable, "-m", "egressd"]
+
+
+def leftovers(name: str) -> list[str]:
+    """Anything of lab `name` that still exists: namespaces, state, TAPs, processes."""
+    found = list(netns.lab_namespaces(name))
+    if runner.lab_directory(name).exists():
+        found.append(str(runner.lab_directory(name)))
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    stem = netns.tap_names(name, 0)[0][:-2]
+    found += [line.split(":")[1].strip() for line in links.splitlines() if stem in line]
+    marker = f"{runner.lab_directory(name)}/".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(f"process {pid}")
+        except OSError:
+            continue
+    return found
+
+
+def lab_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EGRESSD, "lab", *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def lab_name() -> Iterator[str]:
+    name = f"t{secrets.token_hex(3)}"
+    try:
+        result = lab_cli("up", "--name", name)
+        assert result.returncode == 0, result.stderr
+        assert f"lab {name} is up" in result.stdout
+        yield name
+    finally:
+        runner.down(name)
+    assert leftovers(name) == []
+
+
+@pytest.fixture(scope="module")
+def seed_rows(lab_name: str) -> dict[str, dict[str, Any]]:
+    result = lab_cli("run", "seed", "--name", lab_name, "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows, result.stderr
+    return {row["case"].split(" (")[0]: row for row in rows}
+
+
+LAS_SHARED = {"198.51.100.10", "198.51.100.11"}
+ACME_LAX_IN_LAS = ipaddress.ip_network("2001:db8:100:1::/64")  # acme's LA range, las's sub-range (R9)
+
+
+def test_ordinary_ipv4_leaves_los_angeles(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["ordinary site, IPv4"]
+    assert (row["connected"], row["egress_pop"], row["source"], row["geolocation"]) == (
+        "las", "lax", "198.51.100.50", "Los Angeles"), row
+    assert row["ok"]
+
+
+def test_in_network_ipv4_leaves_las_as_the_los_angeles_address(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["in-network site, IPv4"]
+    assert row["egress_pop"] == "las", row
+    logical, physical = row["source"].split(" (PROXY v2; packets from ")
+    assert logical == "198.51.100.50" and physical.rstrip(")") in LAS_SHARED
+    assert row["geolocation"] == "Los Angeles" and row["ok"]
+
+
+@pytest.mark.parametrize("case", ["ordinary site, IPv6", "in-network site, IPv6"])
+def test_ipv6_leaves_las_geolocated_to_los_angeles(seed_rows: dict[str, dict[str, Any]], case: str) -> None:
+    row = seed_rows[case]
+    assert row["egress_pop"] == "las", row
+    assert ipaddress.ip_address(row["source"]) in ACME_LAX_IN_LAS
+    assert row["geolocation"] == "Los Angeles" and row["ok"]
+
+
+def test_the_gateways_dns_query_leaves_from_a_shared_address(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["DNS query by the gateway"]
+    assert row["source"] in LAS_SHARED and row["geolocation"] == "Las Vegas" and row["ok"], row
+
+
+def test_the_private_origin_sees_no_dedicated_address(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["private origin over a WAN route"]
+    assert row["source"] in LAS_SHARED and row["egress_pop"] == "las" and row["ok"], row
+
+
+def test_a_free_account_leaves_shared(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["free account globex"]
+    assert row["source"] in LAS_SHARED and row["geolocation"] == "Las Vegas" and row["ok"], row
+
+
+def test_udp_follows_proxy_udp(seed_rows: dict[str, dict[str, Any]]) -> None:
+    off, on = seed_rows["UDP, proxy.udp off"], seed_rows["UDP, proxy.udp on"]
+    assert (off["egress_pop"], off["ok"]) == ("las", True) and off["source"] in LAS_SHARED, off
+    assert (on["egress_pop"], on["source"], on["ok"]) == ("lax", "198.51.100.50", True), on
+
+
+def test_failover_moves_new_flows_to_new_york_within_3_s(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["failover: lax stopped"]
+    assert (row["egress_pop"], row["source"], row["geolocation"]) == ("jfk", "198.51.100.60", "New York"), row
+    started = float(row["note"].split("started ")[1].split(" s")[0])
+    assert started <= 3.0 and row["ok"]
+
+
+def test_the_lab_is_whole_again_after_the_scenario(lab_name: str, seed_rows: dict[str, dict[str, Any]]) -> None:
+    """The scenario restarts the PoP it stopped and restores proxy_udp: a second run is the same."""
+    result = lab_cli("status", "--name", lab_name, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    las = status["pops"]["las"]["peers"]
+    assert las["lax"]["up"] and las["jfk"]["up"]
+    assert las["lax"]["rtt_ms"] < las["jfk"]["rtt_ms"]  # R6's input: Los Angeles is nearer
+    deployment = (runner.lab_directory(lab_name) / "deployment.toml").read_text()
+    assert deployment == runner.load(lab_name).plan.deployment_text
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_from_the_device_namespace(lab_name: str) -> None:
+    """A real curl at the user's site, through the Las Vegas PoP: the origin sees acme's LA address."""
+    lab = runner.load(lab_name)
+    config = lab.directory / "curl-alice.rc"
+    config.touch(mode=0o600)
+    config.write_text('proxy-user = "alice-laptop:lab-alice-secret"\n')
+    curl = [*lab.exec_in("s-home", "curl"), "-sS", "--max-time", "10", "-K", str(config)]
+    http = subprocess.run([*curl, "-x", "http://203.0.113.1:8080", "http://203.0.113.100/trace"],
+                          capture_output=True, text=True, check=False)
+    trace = dict(line.split("=", 1) for line in http.stdout.splitlines() if "=" in line)
+    assert (trace.get("ip"), trace.get("link"), trace.get("city")) == ("198.51.100.50", "lax", "Los Angeles"), http
+    # --socks5-hostname: the PoP resolves the lab name with its resolver; IPv6 is tried first (RFC 8305)
+    socks = subprocess.run([*curl, "--socks5-hostname", "203.0.113.1:8080", "http://echo.lab.egressd.test/trace"],
+                           capture_output=True, text=True, check=False)
+    trace = dict(line.split("=", 1) for line in socks.stdout.splitlines() if "=" in line)
+    assert trace.get("link") == "las" and ipaddress.ip_address(trace["ip"]) in ACME_LAX_IN_LAS, socks
+    # the device has no route of its own to the Internet: only through the PoP
+    direct = subprocess.run([*lab.exec_in("s-home", "curl"), "-sS", "--max-time", "3", "http://203.0.113.100/"],
+                            capture_output=True, text=True, check=False)
+    assert direct.returncode != 0
+
+
+def test_a_failed_up_leaves_nothing(tmp_path: Path) -> None:
+    name = f"f{secrets.token_hex(3)}"
+    broken = DEFAULT_TOPOLOGY.read_text().replace('ipv4 = "203.0.113.53"', 'ipv4 = "203.0.113.100"')
+    topology = tmp_path / "broken.toml"
+    topology.write_text(broken)
+    try:
+        result = lab_cli("up", "--name", name, "--topology", str(topology))
+        assert result.returncode == 2 and "egressd lab:" in result.stderr, result
+        assert leftovers(name) == []
+    finally:
+        runner.down(name)
+
+
+def test_an_interrupted_up_leaves_nothing() -> None:
+    name = f"i{secrets.token_hex(3)}"
+    process = subprocess.Popen([*EGRESSD, "lab", "up", "--name", name], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(netns.lab_namespaces(name)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert netns.lab_namespaces(name), "lab up never created its namespaces"
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and "interrupted" in err, err
+        assert leftovers(name) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        runner.down(name)
