@@ -80,6 +80,7 @@ class Attachment:
         self.last_flow: dict[str, str] = {}
         self.flows_opened = 0
         self._retired: list[MuxClient] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._switching = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -145,9 +146,13 @@ class Attachment:
             self.on_change()
 
     async def _drop(self, code: str) -> None:
+        """Forget a PoP's link; its streams fail now. Closing waits for the peer's TLS
+        goodbye, which a frozen PoP never sends, so it goes on beside the failover."""
         client = self.clients.pop(code, None)
         if client is not None:
-            await client.close()
+            task = asyncio.create_task(client.close(), name=f"client-drop-{code}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _failover(self, dead: str, reason: str) -> None:
         async with self._switching:
@@ -275,3 +280,4 @@ class Attachment:
             await client.close()
         self.clients.clear()
         self._retired.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
