@@ -132,6 +132,11 @@ def decide(snapshot: Snapshot, flow: Flow, view: HealthView) -> Decision:
     route = entry.route_cidrs.longest_int(version, address_int) if entry.has_route_cidrs else None
     if route is None and hostname is not None and entry.has_route_hosts:
         route = entry.route_hosts.longest(hostname)
+    if route is None and snapshot.private_cidrs:
+        foreign = snapshot.private_cidrs.longest_int(version, address_int)
+        if foreign is not None and foreign.account != flow.account:
+            # A WAN route is in the PoP's routing table for everyone: only its account may use it.
+            return _refuse(flow, "R13", f"destination {address} is in a private route of another account")
     if route is not None:
         return _shared(
             connected,

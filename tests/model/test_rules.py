@@ -486,7 +486,21 @@ def test_r4_routes_of_one_account_do_not_apply_to_another() -> None:
             decision = decide(snap, flow(account, dst, hostname=hostname), ALL_UP)
             assert decision.path is not Path.PRIVATE_ROUTE
             assert decision.route is None and decision.via is None
-    assert decide(snap, flow("initech", "192.0.2.130"), ALL_UP).egress is Egress.DEDICATED
+    # acme's hostname pattern is acme's alone: for others the name is an ordinary destination
+    assert decide(snap, flow("initech", "192.0.2.20", hostname="wiki.corp.acme.example"),
+                  ALL_UP).egress is Egress.DEDICATED
+
+
+def test_r13_another_accounts_private_network_is_refused() -> None:
+    """A WAN route sits in the PoP's routing table for every flow: only its account may use it."""
+    snap = snapshot(enterprise("acme"), enterprise("initech", locations=(INI_LAX, INI_JFK)),
+                    free("globex"), routes=ROUTES)
+    for account in ("initech", "globex"):
+        decision = decide(snap, flow(account, "192.0.2.130"), ALL_UP)
+        assert_refused(decision, "R13")
+        assert "private route of another account" in decision.reason
+    assert decide(snap, flow("acme", "192.0.2.130"), ALL_UP).rule == "R4"
+    assert decide(snap, flow("globex", "192.0.2.127"), ALL_UP).rule == "R1"  # just outside it
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +517,9 @@ def test_r5_source_family_is_the_destination_family(dst: str, account: str, pop:
     family = addr(dst).version
     for user in ("alice", "bob"):
         decision = decide(snap, flow(account, dst, user=user, pop=pop), ALL_UP)
+        if decision.refused:  # only acme may reach acme's private network (R13)
+            assert (account, dst) == ("globex", "192.0.2.130"), decision
+            continue
         assert decision.source_address is not None
         assert decision.source_address.version == family
         if decision.proxy_v2_source is not None:

@@ -100,6 +100,8 @@ class Snapshot:
     allowed: CidrTable[bool]
     origin_cidrs: CidrTable[InNetworkOrigin]
     origin_hosts: HostTable[InNetworkOrigin]
+    # Every account's private-route CIDRs: another account's flow must not reach them (R13).
+    private_cidrs: CidrTable[PrivateRoute] = field(default_factory=CidrTable)
     extra: Mapping[str, object] = field(default_factory=dict)
 
     def account(self, account_id: str) -> AccountIndex | None:
@@ -241,8 +243,11 @@ def build_snapshot(
         for pattern in origin.hostnames:
             origin_hosts.add(pattern, origin)
     routes_by_account: dict[str, list[PrivateRoute]] = {}
+    private_cidrs: CidrTable[PrivateRoute] = CidrTable()
     for route in routes:
         routes_by_account.setdefault(route.account, []).append(route)
+        for network in route.networks:
+            private_cidrs.add(network, route)
     indexed = {
         account.id: _index_account(account, dcs, routes_by_account.get(account.id, ()))
         for account in accounts
@@ -264,6 +269,7 @@ def build_snapshot(
         allowed=allowed,
         origin_cidrs=origin_cidrs,
         origin_hosts=origin_hosts,
+        private_cidrs=private_cidrs,
     )
 
 
