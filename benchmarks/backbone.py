@@ -18,6 +18,15 @@ p99); (c) 1-byte request/response round trips on an already open tunnel, the
 per-message cost. Every flow checks the source address the origin saw (`source_ok`:
 flows that left from 127.0.2.100, or from the client for `no_proxy`, out of all flows).
 
+With `--lab` (root), the same measurements run in `egressd lab`'s namespaces with every
+delay set to zero (the seed topology, stretch 0: plain veth links): the client in the
+user's site namespace, the origin in the Internet namespace, the lab's real PoPs. There
+both proxied paths go through the Las Vegas PoP the device is attached to: `backbone` as
+acme (carried over the backbone to Los Angeles or New York — at zero delay both are equally
+near, R6 — leaving from 198.51.100.50 or .60) and `direct` as globex (leaving
+Las Vegas from a shared address), so the only difference is the backbone hop; `no_proxy`
+connects from the Las Vegas PoP's namespace (the device has no route of its own).
+
 Prints one JSON line on stdout (per-path medians over rounds, pooled latency percentiles,
 ratios backbone/direct and direct/no_proxy, CPU seconds per GiB of each process) and a
 summary on stderr. Loopback, no root and no added delay: quote the ratios, not the
@@ -25,6 +34,7 @@ absolute figures.
 
     python benchmarks/backbone.py                  # 5 rounds of 256 MiB each way, ~20 s
     python benchmarks/backbone.py --rounds 1 --bulk-mib 64 --connects 100 --messages 500
+    sudo python benchmarks/backbone.py --lab       # in the lab's namespaces, zero delay
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
@@ -48,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egressd.lab import netns as lab_netns
+from egressd.lab import runner as lab_runner
 from egressd.pki import ensure_ca, ensure_server_cert
 from egressd.pop.identity import hash_secret
 
@@ -60,6 +73,31 @@ PATHS = ("no_proxy", "direct", "backbone")
 CHUNK = 4 << 20
 IO_TIMEOUT = 30.0  # one socket operation, generous under load
 ZEROS = bytes(CHUNK)
+CLONE_NEWNET = 0x40000000
+LAB_ORIGIN = "203.0.113.100"
+LAB_LAS = ("203.0.113.1", 8080)
+
+
+@contextlib.contextmanager
+def in_namespace(name: str | None) -> Iterator[None]:
+    """This thread in network namespace `name` for the block (sockets made there stay there).
+    setns(2) through ctypes: os.setns arrives with Python 3.12."""
+    if name is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            libc.setns(home, CLONE_NEWNET)
+    finally:
+        os.close(target)
+        os.close(home)
 
 
 def deployment() -> str:
@@ -180,11 +218,12 @@ def _serve(listener: socket.socket, handler: Callable[[socket.socket, str], None
         threading.Thread(target=one, args=(conn, address[0]), daemon=True).start()
 
 
-def origin_main(ports: Any) -> None:  # multiprocessing connection
+def origin_main(ports: Any, host: str = ORIGIN_HOST, namespace: str | None = None) -> None:
     listeners = {}
     for name in ("sink", "source", "echo"):
-        listener = socket.socket()
-        listener.bind((ORIGIN_HOST, 0))
+        with in_namespace(namespace):
+            listener = socket.socket()
+        listener.bind((host, 0))
         listener.listen(256)
         listeners[name] = listener
     handlers = {"sink": _sink, "source": _source, "echo": _echo}
@@ -227,26 +266,30 @@ class Lab:
     proxies: dict[str, tuple[str, int]]  # path -> proxy address (absent for no_proxy)
     origin: dict[str, int]  # service -> port
     pids: dict[str, int]
-    auth: str = field(default="")
+    auth: dict[str, str]  # path -> Proxy-Authorization
+    expected: dict[str, frozenset[str]]  # path -> the source addresses the origin may see
+    origin_host: str = ORIGIN_HOST
+    namespaces: dict[str, str] = field(default_factory=dict)  # path -> the client's netns
 
-    def expected_source(self, path: str) -> str:
-        return ORIGIN_HOST if path == "no_proxy" else EGRESS
+    def expected_source(self, path: str) -> frozenset[str]:
+        return self.expected[path]
 
     def open(self, path: str, service: str) -> Conn:
         """A connection to the origin's `service`, through the path's PoP or not at all."""
-        sock = socket.socket()
+        with in_namespace(self.namespaces.get(path)):
+            sock = socket.socket()
         sock.settimeout(IO_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock)
         try:
-            target = (ORIGIN_HOST, self.origin[service])
+            target = (self.origin_host, self.origin[service])
             if path == "no_proxy":
                 sock.connect(target)
                 return conn
             sock.connect(self.proxies[path])
             authority = f"{target[0]}:{target[1]}"
             sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
-                         f"Proxy-Authorization: {self.auth}\r\n\r\n".encode())
+                         f"Proxy-Authorization: {self.auth[path]}\r\n\r\n".encode())
             status = conn.read_until(b"\r\n\r\n").split(b"\r\n", 1)[0]
             if status.split()[1:2] != [b"200"]:
                 raise ConnectionError(f"CONNECT via {path}: {status.decode(errors='replace')}")
@@ -262,9 +305,9 @@ class Tally:
     ok: int = 0
     wrong: dict[str, int] = field(default_factory=dict)
 
-    def check(self, seen: str, expected: str) -> None:
+    def check(self, seen: str, expected: frozenset[str]) -> None:
         self.flows += 1
-        if seen == expected:
+        if seen in expected:
             self.ok += 1
         else:
             self.wrong[seen] = self.wrong.get(seen, 0) + 1
@@ -553,6 +596,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000, help="round trips on one tunnel per path and round")
     parser.add_argument("--latency-seconds", type=float, default=10.0,
                         help="time allowed for each latency loop (fewer samples past it)")
+    parser.add_argument("--lab", action="store_true",
+                        help="run in egressd lab's namespaces with zero delay (root)")
     parser.add_argument("--paths", default=",".join(PATHS),
                         help=f"comma-separated subset of {','.join(PATHS)} (e.g. for profiling)")
     args = parser.parse_args()
@@ -564,22 +609,37 @@ def main() -> None:
     load_before = os.getloadavg()
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    origin = context.Process(target=origin_main, args=(theirs,), daemon=True)
+    lab_name = f"bench{os.getpid() % 100000}" if args.lab else None
+    if lab_name is not None:
+        with tempfile.TemporaryDirectory(prefix="egressd-lab-bench-") as scratch:
+            topology = Path(scratch) / "zero-delay.toml"  # `up` keeps its own copy
+            topology.write_text(lab_runner_topology_zero_delay())
+            lab_runner.up(lab_name, topology)
+    origin_args = (theirs, LAB_ORIGIN, lab_netns.ns_name(lab_name, "inet")) if lab_name else (theirs,)
+    origin = context.Process(target=origin_main, args=origin_args, daemon=True)
     origin.start()
     try:
         if not ours.poll(20.0):
             raise RuntimeError("the origin did not start")
         origin_ports = ours.recv()
-        with tempfile.TemporaryDirectory(prefix="egressd-backbone-bench-") as scratch, \
-                pops(Path(scratch)) as (listen, pids, rtt_ms):
-            auth = "Basic " + base64.b64encode(f"{DEVICE}:{SECRET}".encode()).decode()
-            lab = Lab(proxies={"direct": listen["lax"], "backbone": listen["las"]},
-                      origin=origin_ports, pids={**pids, "origin": origin.pid or 0}, auth=auth)
-            print(f"PoPs: las pid {pids['las']} on {listen['las']}, lax pid {pids['lax']} on "
-                  f"{listen['lax']}; backbone RTT (PING) {rtt_ms:.2f} ms; origin pid {origin.pid}",
-                  file=sys.stderr)
-            results = run(lab, args)
+        if lab_name is not None:
+            results, rtt_ms = run_in_lab(lab_name, origin_ports, origin.pid or 0, args)
+        else:
+            with tempfile.TemporaryDirectory(prefix="egressd-backbone-bench-") as scratch, \
+                    pops(Path(scratch)) as (listen, pids, rtt_ms):
+                auth = "Basic " + base64.b64encode(f"{DEVICE}:{SECRET}".encode()).decode()
+                lab = Lab(proxies={"direct": listen["lax"], "backbone": listen["las"]},
+                          origin=origin_ports, pids={**pids, "origin": origin.pid or 0},
+                          auth=dict.fromkeys(PATHS, auth),
+                          expected={"no_proxy": frozenset({ORIGIN_HOST}), "direct": frozenset({EGRESS}),
+                                    "backbone": frozenset({EGRESS})})
+                print(f"PoPs: las pid {pids['las']} on {listen['las']}, lax pid {pids['lax']} on "
+                      f"{listen['lax']}; backbone RTT (PING) {rtt_ms:.2f} ms; origin pid {origin.pid}",
+                      file=sys.stderr)
+                results = run(lab, args)
     finally:
+        if lab_name is not None:
+            lab_runner.down(lab_name)
         with contextlib.suppress(OSError):
             ours.send("done")
         origin.join(5.0)
@@ -588,7 +648,10 @@ def main() -> None:
             origin.join(5.0)
     result = {
         "benchmark": "backbone",
-        "setup": "loopback, no added delay, no network namespaces; 2 PoPs (las -> lax), 1 worker each",
+        "setup": ("egressd lab, seed topology with zero delay (veth links), network namespaces; client at the "
+                  "las site, backbone = acme via las -> lax, direct = globex leaving las; 1 worker per PoP"
+                  if args.lab else
+                  "loopback, no added delay, no network namespaces; 2 PoPs (las -> lax), 1 worker each"),
         "rounds": args.rounds, "bulk_mib": args.bulk_mib, "connects": args.connects,
         "messages": args.messages, "paths": results["paths"], "ratios": results["ratios"],
         "backbone_ping_rtt_ms": round(rtt_ms, 3),
@@ -611,6 +674,35 @@ def main() -> None:
               f"{figures['source_ok']}/{figures['flows']}", file=sys.stderr)
     for name, figures in results["ratios"].items():
         print(f"{name}: {figures}", file=sys.stderr)
+
+
+def lab_runner_topology_zero_delay() -> str:
+    """The seed's lab topology with every link a plain veth (stretch 0: no added delay)."""
+    from egressd.cli.lab_cmd import DEFAULT_TOPOLOGY
+
+    text = DEFAULT_TOPOLOGY.read_text(encoding="utf-8")
+    return text.replace("stretch = 1.5", "stretch = 0.0", 1)
+
+
+def run_in_lab(name: str, origin_ports: dict[str, int], origin_pid: int,
+               args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    lab = lab_runner.load(name)
+    acme = "Basic " + base64.b64encode(b"alice-laptop:lab-alice-secret").decode()
+    globex = "Basic " + base64.b64encode(b"carol-phone:lab-carol-secret").decode()
+    site, las = lab.namespace("s-home"), lab.namespace("las")
+    pids = {code: lab.pop_pids(code)[0] for code in ("las", "lax", "jfk")}
+    health = lab_runner.pop_health(lab, "las") or {}
+    rtt_ms = float(health.get("backbone", {}).get("lax", {}).get("rtt_ms") or 0.0)
+    bench = Lab(proxies={"direct": LAB_LAS, "backbone": LAB_LAS}, origin=origin_ports,
+                pids={**pids, "origin": origin_pid}, auth={"direct": globex, "backbone": acme},
+                expected={"no_proxy": frozenset({"198.51.100.130"}),  # las's end of its Internet link
+                          "direct": frozenset({"198.51.100.10", "198.51.100.11"}),
+                          # with zero delay Los Angeles and New York are equally near (R6): either
+                          "backbone": frozenset({"198.51.100.50", "198.51.100.60"})},
+                origin_host=LAB_ORIGIN, namespaces={"no_proxy": las, "direct": site, "backbone": site})
+    print(f"lab {name}: PoPs las pid {pids['las']}, lax pid {pids['lax']}, jfk pid {pids['jfk']}; backbone RTT (PING) "
+          f"{rtt_ms:.2f} ms; origin pid {origin_pid} in {lab.namespace('inet')}", file=sys.stderr)
+    return run(bench, args), rtt_ms
 
 
 if __name__ == "__main__":

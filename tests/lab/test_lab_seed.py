@@ -112,6 +112,12 @@ def test_a_free_account_leaves_shared(seed_rows: dict[str, dict[str, Any]]) -> N
     assert row["source"] in LAS_SHARED and row["geolocation"] == "Las Vegas" and row["ok"], row
 
 
+def test_another_account_cannot_reach_the_private_origin(seed_rows: dict[str, dict[str, Any]]) -> None:
+    row = seed_rows["acme's private origin, as globex"]
+    assert row["source"] == "-" and row["ok"], row
+    assert "HTTP 403" in row["note"] and "private route of another account" in row["note"]
+
+
 def test_udp_follows_proxy_udp(seed_rows: dict[str, dict[str, Any]]) -> None:
     off, on = seed_rows["UDP, proxy.udp off"], seed_rows["UDP, proxy.udp on"]
     assert (off["egress_pop"], off["ok"]) == ("las", True) and off["source"] in LAS_SHARED, off

@@ -275,6 +275,15 @@ def seed(lab: Lab) -> Result:
         http_row(f"free account {owner[free].account.id} (R1)", echo, 4,
                  lambda r: r.source in shared and r.egress_pop == connected and r.geolocation == connected_city,
                  f"a {connected} shared address", probe=free_device)
+        if private is not None:
+            row = Row(f"{account}'s private origin, as {owner[free].account.id} (R13)",
+                      f"{private.name} {private.ipv4}", 4, connected, expected="refused by the PoP")
+            answer = free_device.http(_url(private.ipv4))
+            if answer.get("ok"):
+                _fill(row, lab, private, answer, geofeed)
+            row.note = f"HTTP {answer.get('status')}: {str(answer.get('error', ''))[:120]}"
+            row.ok = answer.get("status") == 403
+            result.rows.append(row)
     original = lab.deployment_path.read_text(encoding="utf-8")
     try:
         for setting in ("false", "true"):
