@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from egressd.client.state import Enrollment, PopEndpoint
 from egressd.mux import MuxClient, MuxError, MuxStream, StreamRefused
-from egressd.protocols.masque import PROTOCOL_TCP, basic_authorization, target_path
+from egressd.protocols.masque import PROTOCOL_TCP, PROTOCOL_UDP, basic_authorization, target_path
 
 __all__ = ["Attachment", "FlowOpened", "NoPopReachable", "client_tls_context"]
 
@@ -236,14 +236,21 @@ class Attachment:
         """One flow to host:port over the connected PoP's link. A link that fails here
         moves the client at once and the flow is tried once more on the next PoP.
         Raises StreamRefused (the PoP's status and reason) or MuxError/NoPopReachable."""
-        headers = {":path": target_path(PROTOCOL_TCP, host, port),
+        return await self._open(PROTOCOL_TCP, host, port)
+
+    async def open_udp(self, host: str, port: int) -> FlowOpened:
+        """A CONNECT-UDP stream to host:port (RFC 9298); as `open_tcp` otherwise."""
+        return await self._open(PROTOCOL_UDP, host, port)
+
+    async def _open(self, protocol: str, host: str, port: int) -> FlowOpened:
+        headers = {":path": target_path(protocol, host, port),
                    "proxy-authorization": self._authorization}
         for attempt in (1, 2):
             code = self.connected
             if code is None:
                 raise NoPopReachable("not attached to any PoP (none answers)")
             try:
-                stream = await self._client(self.pops[code]).open(headers, protocol=PROTOCOL_TCP)
+                stream = await self._client(self.pops[code]).open(headers, protocol=protocol)
             except StreamRefused:
                 raise
             except MuxError as error:

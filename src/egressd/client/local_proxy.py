@@ -8,8 +8,8 @@ credential is added by the link, never seen by applications.
 
 An absolute-form HTTP request is forwarded with `Connection: close` (its connection is
 then a tunnel to that origin): the client opens a new connection for the next request.
-What it does not do: SOCKS5 UDP ASSOCIATE (answered "command not supported": UDP over
-the device link is not carried yet), SOCKS5 BIND.
+SOCKS5 UDP ASSOCIATE is carried as CONNECT-UDP streams (`client.udp`). SOCKS5 BIND is
+not supported.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from egressd.client.attach import Attachment, FlowOpened, NoPopReachable
+from egressd.client.udp import UdpRelay
 from egressd.mux import MuxError, StreamRefused, pump
 from egressd.protocols.http1 import (
     HttpError,
@@ -188,6 +189,9 @@ class LocalProxy:
                     if not data:
                         return
                     events = server.receive_data(data)
+        if request.command is Command.UDP_ASSOCIATE:
+            await self._udp_associate(conn, server)
+            return
         if request.command is not Command.CONNECT:
             await loop.sock_sendall(conn, server.reply(ReplyCode.COMMAND_NOT_SUPPORTED))
             return
@@ -198,6 +202,20 @@ class LocalProxy:
             return
         await loop.sock_sendall(conn, server.reply(ReplyCode.SUCCEEDED))
         await self._relay(opened, conn, server.remainder())
+
+    async def _udp_associate(self, conn: socket.socket, server: Socks5Server) -> None:
+        """UDP ASSOCIATE: a local UDP port whose datagrams go out as CONNECT-UDP streams,
+        for as long as the control connection stays open (RFC 1928 §7)."""
+        loop = asyncio.get_running_loop()
+        relay = UdpRelay(self.attachment, conn.getpeername()[0])
+        transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=(self.host, 0))
+        try:
+            host, port = transport.get_extra_info("sockname")[:2]
+            await loop.sock_sendall(conn, server.reply(ReplyCode.SUCCEEDED, host, port))
+            while await loop.sock_recv(conn, RECV):
+                pass  # anything more on the control connection is ignored
+        finally:
+            await relay.close()
 
     # --- HTTP ----------------------------------------------------------------------
 

@@ -13,24 +13,30 @@ decision, upstream connect (locally or over the backbone), flow log and metrics.
 answer carries what the device shows its user: the flow id, the connected and the egress
 PoP (R7: both visible), the source address and port used.
 
-Not carried yet: ``connect-udp`` (RFC 9298) flows are refused with 501 and a reason;
-devices reach UDP through the PoP's SOCKS5 UDP ASSOCIATE.
+A ``connect-udp`` flow (RFC 9298: one target per stream, payloads in DATAGRAM capsules
+with context id 0) is a SOCKS5 UDP association with one destination: the same
+`UdpAssociation` (decision per destination with protocol ``udp``, R3; upstream socket per
+source address; replies only from the target; a flow slot while it lives; idle timeout),
+whose client side is the stream instead of a UDP socket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
 from pathlib import Path
 from typing import Final
 
-from egressd.mux import MuxServer, MuxStream, PeerIdentity, PumpError, pump
+from egressd.mux import DatagramStream, MuxServer, MuxStream, PeerIdentity, PumpError, pump
 from egressd.mux.errors import MuxError, Side
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.udp_relay import UdpAssociation
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.masque import PROTOCOL_TCP, PROTOCOL_UDP, parse_basic, parse_target
+from egressd.protocols.socks5 import ProtocolError, build_udp_datagram, parse_udp_datagram
 
 __all__ = ["DeviceLinkServer", "device_tls_context"]
 
@@ -83,11 +89,7 @@ class DeviceLinkServer:
         if identity is None:
             return
         protocol = stream.headers.get(":protocol", "")
-        if protocol == PROTOCOL_UDP:
-            await stream.refuse(501, "connect-udp is not carried over the device link yet; "
-                                "use the PoP's SOCKS5 UDP ASSOCIATE")
-            return
-        if protocol != PROTOCOL_TCP:
+        if protocol not in (PROTOCOL_TCP, PROTOCOL_UDP):
             await stream.refuse(501, f"protocol {protocol[:40]!r} is not carried")
             return
         try:
@@ -99,7 +101,10 @@ class DeviceLinkServer:
         if runtime.draining:
             await stream.refuse(503, f"PoP {runtime.code} is draining")
             return
-        await self._tcp(stream, peer, identity, host, port)
+        if protocol == PROTOCOL_UDP:
+            await self._udp(stream, peer, identity, host, port)
+        else:
+            await self._tcp(stream, peer, identity, host, port)
 
     def _identity(self, stream: MuxStream, peer: tuple[str, int]) -> Identity | None:
         """The device behind the stream's credentials; otherwise answers 407 itself."""
@@ -158,3 +163,75 @@ class DeviceLinkServer:
             upstream.close()
             runtime.active_tcp.dec()
             runtime.finish(record)
+
+    async def _udp(self, stream: MuxStream, peer: tuple[str, int], identity: Identity,
+                   host: str, port: int) -> None:
+        runtime = self.runtime
+        slot = runtime.admit_association(identity, peer[0])
+        if slot is None:
+            await stream.refuse(429, "too many flows open")
+            return
+        try:
+            await stream.accept({"egressd-connected-pop": runtime.code})
+        except MuxError:
+            runtime.release_association(slot)
+            return
+        association = UdpAssociation(runtime, identity, client_host=peer[0], requested=("", 0))
+        datagrams = DatagramStream(stream)
+        carrier = _StreamCarrier(datagrams)
+        association.attach(carrier)
+        runtime.metrics.active.labels(runtime.code, "udp").inc()
+        receiving = asyncio.ensure_future(self._udp_from_device(datagrams, association, peer,
+                                                                host, port))
+        ended = asyncio.ensure_future(association.closed.wait())
+        try:
+            await asyncio.wait({receiving, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiving, ended):
+                task.cancel()
+            await asyncio.gather(receiving, ended, return_exceptions=True)
+            carrier.close()
+            runtime.metrics.active.labels(runtime.code, "udp").dec()
+            closed_by = association.closed_by if association.closed.is_set() else "client"
+            await association.close(closed_by)
+            runtime.release_association(slot)
+
+    @staticmethod
+    async def _udp_from_device(datagrams: DatagramStream, association: UdpAssociation,
+                               peer: tuple[str, int], host: str, port: int) -> None:
+        """Each capsule's payload goes to the stream's one target."""
+        with contextlib.suppress(EOFError, MuxError):
+            while True:
+                payload = await datagrams.recv()
+                association.from_client(build_udp_datagram(host, port, payload), peer)
+
+
+class _StreamCarrier:
+    """The association's client side when it is a CONNECT-UDP stream: `sendto` unwraps
+    the SOCKS5 UDP header the association puts on replies and sends the payload as one
+    capsule; a slow stream drops datagrams rather than blocking the association."""
+
+    QUEUE: Final = 1024
+
+    def __init__(self, datagrams: DatagramStream) -> None:
+        self.datagrams = datagrams
+        self.dropped = 0
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(self.QUEUE)
+        self._sender = asyncio.ensure_future(self._send_loop())
+
+    def sendto(self, data: bytes, _address: object = None) -> None:
+        try:
+            self._outbox.put_nowait(parse_udp_datagram(data).payload)
+        except (ProtocolError, asyncio.QueueFull):
+            self.dropped += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def close(self) -> None:
+        self._sender.cancel()
+
+    async def _send_loop(self) -> None:
+        with contextlib.suppress(MuxError):
+            while True:
+                await self.datagrams.send(await self._outbox.get())

@@ -89,6 +89,13 @@ class UdpAssociation:
         host, port = transport.get_extra_info("sockname")[:2]
         return host, port
 
+    def attach(self, transport: Any) -> None:
+        """Serve a client reached some other way than a UDP socket (a device link's
+        CONNECT-UDP stream): `transport.sendto(socks5_datagram, addr)` reaches it, and its
+        datagrams come in through `from_client` in SOCKS5 UDP framing."""
+        self.transport = transport
+        self._arm_timer()
+
     def _arm_timer(self) -> None:
         timeout = self.runtime.options.udp_idle_timeout
         self._timer = asyncio.get_running_loop().call_later(min(timeout, 5.0), self._check_idle)
