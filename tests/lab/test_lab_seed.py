@@ -196,3 +196,63 @@ def test_an_interrupted_up_leaves_nothing() -> None:
         if process.poll() is None:
             process.kill()
         runner.down(name)
+
+
+FLOWS_SCRIPT = r'''
+import asyncio, base64, json, sys
+FLOWS = int(sys.argv[1])
+AUTH = "Basic " + base64.b64encode(b"alice-laptop:lab-alice-secret").decode()
+
+async def one(gate):
+    async with gate:  # at most 32 handshakes at once (the PoP caps unfinished ones per source)
+        reader, writer = await asyncio.open_connection("203.0.113.1", 8080)
+        writer.write(f"CONNECT 203.0.113.100:80 HTTP/1.1\r\nHost: 203.0.113.100:80\r\n"
+                     f"Proxy-Authorization: {AUTH}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+    return reader, writer
+
+async def main():
+    gate = asyncio.Semaphore(32)
+    tunnels = await asyncio.gather(*(one(gate) for _ in range(FLOWS)))
+    print("open", flush=True)
+    sys.stdin.readline()  # the test counts backbone connections meanwhile
+    seen = {}
+    for reader, writer in tunnels:  # every tunnel still works, from the Los Angeles address
+        writer.write(b"GET /trace HTTP/1.1\r\nHost: echo\r\n\r\n")
+    for reader, writer in tunnels:
+        await reader.readuntil(b"\r\n\r\n")
+        body = (await reader.readuntil(b"link=")) + await reader.readline()
+        trace = dict(line.split("=", 1) for line in body.decode().splitlines() if "=" in line)
+        key = (trace["ip"], trace["link"])
+        seen[str(key)] = seen.get(str(key), 0) + 1
+        writer.close()
+    print(json.dumps(seen), flush=True)
+
+asyncio.run(main())
+'''
+
+
+def test_1000_concurrent_flows_share_one_backbone_connection(lab_name: str) -> None:
+    """Issue 5: the multiplexed backbone carries 1,000 concurrent flows over one TCP
+    connection from las to lax; every flow arrives at the origin from lax, from 198.51.100.50."""
+    lab = runner.load(lab_name)
+    flows = 1000
+    process = subprocess.Popen(lab.exec_in("s-home", sys.executable, "-c", FLOWS_SCRIPT, str(flows)),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "open", process.stderr.read() if process.stderr else ""
+        sockets = subprocess.run([*lab.exec_in("las", "ss", "-Htn", "state", "established",
+                                               "dst", "203.0.113.2:7443")],
+                                 capture_output=True, text=True, check=True).stdout
+        health = runner.pop_health(lab, "las") or {}
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(sockets.strip().splitlines()) == 1, sockets
+    assert health.get("active_tunnels", 0) >= flows
+    assert json.loads(out.strip().splitlines()[-1]) == {str(("198.51.100.50", "lax")): flows}, err
