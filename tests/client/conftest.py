@@ -64,6 +64,15 @@ async def serve(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         yield info
     finally:
         await stack.close()
+    # Closing the stack ends everything it started, device links included.
+    current = asyncio.current_task()
+    deadline = time.monotonic() + 3
+    while True:
+        leftover = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+        if not leftover or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert not leftover, f"tasks left after ServeStack.close(): {leftover}"
 
 
 def admin(info: dict[str, Any]) -> httpx.AsyncClient:

@@ -165,3 +165,28 @@ async def test_wrong_secret_gets_a_clear_refusal_through_the_local_proxy(
     code, body = await curl("-x", f"http://{status['listen']}", serve["echo"]["http"])
     assert code == 0 and "wrong device credentials" in body
     assert "not-the-secret" not in json.dumps(flows(serve))
+
+
+async def test_bad_input_to_the_local_proxy_gets_an_answer_not_a_crash(
+        serve: dict[str, Any], enroll: Enroll, spawn: Spawn) -> None:
+    child, status = await start_client(spawn, await enroll("acme"))
+    host, port = status["listen"].split(":")
+    for request, expected in ((b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"HTTP/1.1 400"),
+                              (b"\x05\x01\x80", b"\x05\xff"),  # no method we speak
+                              (b"\x05\x01\x00\x05\x09", b"\x05\x00\x05\x07"),  # bad command
+                              (b"BREW coffee HTTP/1.1\r\n\r\n", b"HTTP/1.1 4"),
+                              (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 404"),
+                              (b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 403")):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        async with asyncio.timeout(10):
+            answer = await reader.read(200)
+        writer.close()
+        assert answer.startswith(expected), (request, answer)
+    # An application that logs in to SOCKS5 anyway is let in (the link holds the credential).
+    assert await curl("-x", f"socks5h://app:pw@{status['listen']}", serve["echo"]["name"]) == (
+        0, f"{ACME_SOURCE[status['connected_pop']]}\n")
+    # Still serving.
+    assert await curl("-x", f"http://{status['listen']}", serve["echo"]["http"]) == (
+        0, f"{ACME_SOURCE[status['connected_pop']]}\n")
+    assert child.process.returncode is None

@@ -35,6 +35,7 @@ from egressd.protocols.http1 import (
 )
 from egressd.protocols.socks5 import (
     Command,
+    CredentialsReceived,
     ProtocolFailure,
     ReplyCode,
     RequestReceived,
@@ -176,7 +177,14 @@ class LocalProxy:
                 out = server.data_to_send()
                 if out:
                     await loop.sock_sendall(conn, out)
-                for event in events:
+                while events:
+                    event = events.pop(0)
+                    if isinstance(event, CredentialsReceived):
+                        # An application that insists on a login gets in with any: the
+                        # device credential is the link's, not the application's.
+                        await loop.sock_sendall(conn, server.accept_credentials())
+                        events.extend(server.receive_data(b""))
+                        continue
                     if isinstance(event, ProtocolFailure):
                         out = server.data_to_send()
                         if out:
