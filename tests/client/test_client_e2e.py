@@ -190,3 +190,17 @@ async def test_bad_input_to_the_local_proxy_gets_an_answer_not_a_crash(
     assert await curl("-x", f"http://{status['listen']}", serve["echo"]["http"]) == (
         0, f"{ACME_SOURCE[status['connected_pop']]}\n")
     assert child.process.returncode is None
+
+
+async def test_run_with_no_reachable_pop_says_so(serve: dict[str, Any], tmp_path: Path) -> None:
+    from .conftest import enrollment_token
+
+    token = await enrollment_token(serve, "globex", "carol")
+    state = tmp_path / "lonely"
+    enrolled = await cli("client", "enroll", "--control", serve["control"]["url"], "--token", token,
+                         "--state-dir", str(state), "--pop=las=127.0.0.1:9", "--pop=lax=127.0.0.1:9",
+                         "--pop=jfk=127.0.0.1:9")
+    assert enrolled.code == 0, enrolled.err
+    result = await cli("client", "run", "--state-dir", str(state), "--listen", "127.0.0.1:0")
+    assert result.code == 3
+    assert "no PoP answered: las (127.0.0.1:9): cannot connect to 127.0.0.1:9" in result.err

@@ -128,3 +128,12 @@ def test_enrollment_file_is_private_and_the_secret_stays_out_of_repr(tmp_path: P
     path.write_text("{}")
     with pytest.raises(ClientStateError, match="not an enrollment file"):
         Enrollment.load(tmp_path / "state")
+
+
+def test_the_client_moves_only_to_a_clearly_faster_pop() -> None:
+    from egressd.client.attach import should_move
+
+    assert should_move(50.0, 10.0)
+    assert not should_move(50.0, 40.0)  # not 30 % faster
+    assert not should_move(2.0, 0.5)  # 75 % faster but not 2 ms: loopback noise
+    assert not should_move(10.0, 10.0)

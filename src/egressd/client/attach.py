@@ -26,7 +26,7 @@ from egressd.client.state import Enrollment, PopEndpoint
 from egressd.mux import MuxClient, MuxError, MuxStream, StreamRefused
 from egressd.protocols.masque import PROTOCOL_TCP, PROTOCOL_UDP, basic_authorization, target_path
 
-__all__ = ["Attachment", "FlowOpened", "NoPopReachable", "client_tls_context"]
+__all__ = ["Attachment", "FlowOpened", "NoPopReachable", "client_tls_context", "should_move"]
 
 log = logging.getLogger("egressd.client")
 
@@ -48,6 +48,12 @@ class FlowOpened:
     connected_pop: str
     egress_pop: str
     local: str
+
+
+def should_move(current_ms: float, other_ms: float) -> bool:
+    """Hysteresis: move only to a PoP clearly faster than the connected one, so two PoPs
+    at about the same RTT do not trade the device back and forth."""
+    return other_ms < current_ms * SWITCH_FACTOR and current_ms - other_ms >= SWITCH_MARGIN_MS
 
 
 def client_tls_context(ca: str | None) -> ssl.SSLContext:
@@ -219,7 +225,7 @@ class Attachment:
             return
         theirs = self.rtt_ms[best]
         assert theirs is not None
-        if theirs < mine * SWITCH_FACTOR and mine - theirs >= SWITCH_MARGIN_MS:
+        if should_move(mine, theirs):
             async with self._switching:
                 old = self.clients.pop(current, None)
                 if old is not None:
