@@ -493,12 +493,24 @@ def audit_log(
                          before=row.before, after=row.after) for row in session.scalars(query)]
 
 
+class TunnelAttachmentIn(Strict):
+    """A tunnel connector attached to the reporting PoP, with the routes it accepted."""
+
+    connector: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    account: str = Field(max_length=64)
+    peer: str = Field(max_length=100)
+    since: float = Field(ge=0)
+    routes: list[Annotated[str, Field(max_length=253)]] = Field(max_length=256)
+
+
 class PopViewIn(Strict):
     """A PoP's own view of its peers: which it can reach, and the backbone RTTs it measured."""
 
     up: list[Annotated[str, Field(pattern=r"^[a-z0-9]{2,16}$")]] = Field(max_length=1000)
     rtt_ms: dict[Annotated[str, Field(pattern=r"^[a-z0-9]{2,16}$")],
                  Annotated[float, Field(ge=0, le=600_000)]] = Field(max_length=1000)
+    tunnels: list[TunnelAttachmentIn] = Field(default=[], max_length=10_000,
+                                              description="Connectors attached to this PoP")
 
 
 class PopView(PopViewIn):
@@ -521,6 +533,7 @@ def pop_view(health: dict[str, Any] | None, now: datetime) -> PopView | None:
         return None
     at = aware(datetime.fromisoformat(str(health["at"])))
     return PopView(up=list(health.get("up", [])), rtt_ms=dict(health.get("rtt_ms", {})),
+                   tunnels=list(health.get("tunnels", [])),
                    reported_at=at, seconds_since_reported=round((now - at).total_seconds(), 3))
 
 
@@ -556,6 +569,7 @@ async def report_health(
     """A PoP reports the peers it reaches and its backbone RTTs (every few seconds)."""
     caller.require_pop()
     health = {"up": sorted(set(body.up)), "rtt_ms": body.rtt_ms,
+              "tunnels": [item.model_dump() for item in body.tunnels],
               "at": datetime.now(UTC).isoformat()}
     await asyncio.to_thread(ctx.publisher.record_health, pop, health)
     return Response(status_code=204)

@@ -21,6 +21,7 @@ from egressd.control import (
     api_identity,
     api_infra,
     api_policies,
+    api_tunnels,
     api_ui,
     problems,
     ui,
@@ -77,6 +78,7 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.include_router(api_enrollment.router)
     app.include_router(api_device.router)
     app.include_router(api_policies.router)
+    app.include_router(api_tunnels.router)
     app.include_router(api_ui.router)
     app.include_router(ui.router)
     app.include_router(api_flows.router)

@@ -31,6 +31,7 @@ from egressd.control.tables import (
     PolicyRow,
     PrivateRouteRow,
     QuarantineRow,
+    TunnelRow,
     UserRow,
 )
 
@@ -137,6 +138,11 @@ def build_document(
     ):
         routes[account_id].append({"id": route_id, "kind": kind, "via": via,
                                    "destinations": list(destinations)})
+    connectors: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for account_id, tunnel_id, digest in rows(
+        TunnelRow.account_id, TunnelRow.id, TunnelRow.token_sha256, order=(TunnelRow.id,),
+    ):
+        connectors[account_id].append({"id": tunnel_id, "token_sha256": digest})
     accounts = []
     for account_id, name, plan, proxy_tcp, proxy_udp, fallback in rows(
         AccountRow.id, AccountRow.name, AccountRow.plan, AccountRow.proxy_tcp,
@@ -150,6 +156,7 @@ def build_document(
             "devices": devices.get(account_id, []),
             "policies": policies.get(account_id, []),
             "private_routes": routes.get(account_id, []),
+            **({"connectors": connectors[account_id]} if account_id in connectors else {}),
         })
     settings = session.get(DeploymentSettingsRow, 1)
     quarantine = [
@@ -187,7 +194,7 @@ def import_document(session: Session, raw: Mapping[str, Any], *, replace: bool =
     """
     now = datetime.now(UTC)
     if replace:
-        for table in (MembershipRow, DeviceRow, PolicyRow, PrivateRouteRow, LocationRow,
+        for table in (MembershipRow, DeviceRow, PolicyRow, PrivateRouteRow, TunnelRow, LocationRow,
                       GroupRow, UserRow, QuarantineRow, AccountRow, OriginRow, AddressRow,
                       DataCenterRow):
             session.execute(delete(table))
@@ -266,6 +273,10 @@ def _import_account(session: Session, account: Mapping[str, Any], now: datetime)
     for position, policy in enumerate(account.get("policies", [])):
         body = {key: value for key, value in policy.items() if key != "id"}
         session.add(PolicyRow(account_id=account_id, id=policy["id"], position=position, body=body))
+    for connector in account.get("connectors", []):
+        session.add(TunnelRow(id=connector["id"], account_id=account_id,
+                              token_sha256=connector["token_sha256"], created_at=now,
+                              token_issued_at=now))
     for route in account.get("private_routes", []):
         session.add(PrivateRouteRow(
             account_id=account_id, id=route["id"], kind=route.get("kind", "tunnel"),

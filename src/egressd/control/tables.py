@@ -208,6 +208,19 @@ class PrivateRouteRow(Base):
     destinations: Mapped[list[str]]
 
 
+class TunnelRow(Base):
+    """A tunnel connector of an account (issue 6); only the SHA-256 of its token is kept.
+    Ids are deployment-wide: the token names its connector, and a PoP finds it by id."""
+
+    __tablename__ = "tunnels"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"),
+                                            index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    token_issued_at: Mapped[datetime]
+
+
 class OriginRow(Base):
     __tablename__ = "in_network_origins"
     name: Mapped[str] = mapped_column(String(100), primary_key=True)

@@ -30,6 +30,7 @@ from egressd.model.accounts import (
 )
 from egressd.model.deployment_reader import (
     ACCOUNT_KEYS,
+    CONNECTOR_KEYS,
     DATA_CENTER_KEYS,
     DEVICE_KEYS,
     LOCATION_KEYS,
@@ -52,7 +53,7 @@ from egressd.model.policy import (
     Selector,
     SharedAction,
 )
-from egressd.model.routes import InNetworkOrigin, PrivateRoute, RouteKind
+from egressd.model.routes import Connector, InNetworkOrigin, PrivateRoute, RouteKind
 from egressd.model.snapshot import DeploymentSettings, Quarantine, Snapshot, build_snapshot
 from egressd.model.topology import DataCenter
 
@@ -136,6 +137,7 @@ def _build(raw: Table, *, version: int, now: datetime | None, text: str | None) 
     account_tables = reader.tables(raw, "accounts", "")
     accounts = [_account(reader, table) for table in account_tables]
     routes = [route for table in account_tables for route in _routes(reader, table)]
+    connectors = [item for table in account_tables for item in _connectors(reader, table)]
     origins = []
     for table in reader.tables(raw, "in_network_origins", ""):
         name = str(table.get("name", "?"))
@@ -174,6 +176,7 @@ def _build(raw: Table, *, version: int, now: datetime | None, text: str | None) 
             data_centers=[dc for dc in dcs if dc is not None],
             accounts=[account for account in accounts if account is not None],
             routes=routes,
+            connectors=connectors,
             origins=origins,
             quarantine=quarantine,
             settings=settings,
@@ -404,3 +407,17 @@ def locate(text: str, path: str) -> int | None:
                 if assign.match(lines[number]):
                     return number + 1
     return found
+
+
+def _connectors(reader: Reader, table: Table) -> list[Connector]:
+    """`[[accounts.connectors]]`: tunnel connectors (id, SHA-256 of their token)."""
+    account_id = str(table.get("id", "?"))
+    connectors = []
+    for entry in reader.tables(table, "connectors", f"accounts[{account_id}]."):
+        cid = reader.get(entry, "id", f"accounts[{account_id}].connectors[?]", str)
+        where = f"accounts[{account_id}].connectors[{cid}]"
+        reader.known_keys(entry, where, CONNECTOR_KEYS)
+        digest = reader.get(entry, "token_sha256", where, str)
+        if cid and digest:
+            connectors.append(Connector(id=cid, account=account_id, token_sha256=digest.lower()))
+    return connectors

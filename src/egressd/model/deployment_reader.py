@@ -49,6 +49,7 @@ ACCOUNT_KEYS = {
     "devices",
     "policies",
     "private_routes",
+    "connectors",
 }
 NETWORK_KEYS = {"proxy_tcp", "proxy_udp", "fallback"}
 LOCATION_KEYS = {"id", "pop", "ipv4", "ipv6", "state"}
@@ -70,6 +71,7 @@ POLICY_KEYS = {
     "ipv6",
 }
 ROUTE_KEYS = {"id", "kind", "via", "destinations"}
+CONNECTOR_KEYS = {"id", "token_sha256"}
 QUARANTINE_KEYS = {"address", "released_by", "until"}
 SETTINGS_KEYS = {"quarantine_days", "allow_destinations", "control_addresses"}
 

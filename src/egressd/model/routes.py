@@ -32,3 +32,13 @@ class InNetworkOrigin:
     name: str
     networks: tuple[IPNetwork, ...]
     hostnames: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    """A tunnel connector of one account: it dials out to PoPs and proves itself with a
+    token whose SHA-256 is all the configuration keeps (the token is shown once)."""
+
+    id: str
+    account: str
+    token_sha256: str

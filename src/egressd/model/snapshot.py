@@ -20,7 +20,7 @@ from egressd.model.errors import ValidationError, ValidationIssue
 from egressd.model.lookup import CidrTable, HostTable, normalise_hostname
 from egressd.model.policy import PROTOCOLS, SHARED_SECONDARY, DedicatedAction
 from egressd.model.policy_index import PolicyIndex
-from egressd.model.routes import InNetworkOrigin, PrivateRoute
+from egressd.model.routes import Connector, InNetworkOrigin, PrivateRoute
 from egressd.model.topology import DataCenter
 
 # Each PoP gets its own sub-range of every location's IPv6 range (R9): prefix + 16 bits.
@@ -102,6 +102,8 @@ class Snapshot:
     origin_hosts: HostTable[InNetworkOrigin]
     # Every account's private-route CIDRs: another account's flow must not reach them (R13).
     private_cidrs: CidrTable[PrivateRoute] = field(default_factory=CidrTable)
+    # Tunnel connectors by id (deployment-wide ids): who may attach and for which account.
+    connectors: Mapping[str, Connector] = field(default_factory=dict)
     extra: Mapping[str, object] = field(default_factory=dict)
 
     def account(self, account_id: str) -> AccountIndex | None:
@@ -132,6 +134,7 @@ def build_snapshot(
     data_centers: Sequence[DataCenter],
     accounts: Sequence[Account],
     routes: Sequence[PrivateRoute] = (),
+    connectors: Sequence[Connector] = (),
     origins: Sequence[InNetworkOrigin] = (),
     quarantine: Sequence[Quarantine] = (),
     settings: DeploymentSettings = DeploymentSettings(),
@@ -208,6 +211,7 @@ def build_snapshot(
                     f"private_routes[{route.id or index}]", "a route needs at least one destination"
                 )
             )
+    connector_index = _check_connectors(connectors, account_ids, issues)
     if issues:
         raise ValidationError(issues)
 
@@ -270,7 +274,27 @@ def build_snapshot(
         origin_cidrs=origin_cidrs,
         origin_hosts=origin_hosts,
         private_cidrs=private_cidrs,
+        connectors=connector_index,
     )
+
+
+def _check_connectors(connectors: Sequence[Connector], account_ids: set[str],
+                      issues: list[ValidationIssue]) -> dict[str, Connector]:
+    index: dict[str, Connector] = {}
+    for connector in connectors:
+        where = f"accounts[{connector.account}].connectors[{connector.id}]"
+        if connector.account not in account_ids:
+            issues.append(ValidationIssue(f"{where}.account", f"unknown account {connector.account!r}"))
+        if not _is_sha256_hex(connector.token_sha256):
+            issues.append(ValidationIssue(f"{where}.token_sha256", "must be 64 hex digits"))
+        previous = index.get(connector.id)
+        if previous is not None:
+            issues.append(ValidationIssue(
+                where, f"connector id already used by account {previous.account!r}; "
+                       "connector ids are deployment-wide"))
+            continue
+        index[connector.id] = connector
+    return index
 
 
 def _check_ipv6_overlaps(
