@@ -20,6 +20,8 @@ from egressd.lab.dns_server import DnsServer, Zone
 from egressd.lab.plan import INTERNET, LabError, one_way_delay_ms, plan_lab
 from egressd.lab.scenarios import Result, Row, set_network
 from egressd.model.deployment import load_deployment
+from egressd.pop.dns_service import DnsService
+from egressd.pop.flowlog import FlowLog
 from egressd.pop.resolver import ResolveError, Resolver
 
 SEED = DEFAULT_TOPOLOGY.read_text(encoding="utf-8")
@@ -134,8 +136,10 @@ async def test_the_pop_resolver_asks_its_upstream_from_the_shared_address() -> N
     transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(server), local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
     try:
-        resolver = Resolver(upstreams=[(ipaddress.ip_address("127.0.0.1"), port)])
-        resolver.source_for = lambda version: ipaddress.ip_address("127.0.0.23") if version == 4 else None
+        service = DnsService("tst", [(ipaddress.ip_address("127.0.0.1"), port)],
+                             lambda version: ipaddress.ip_address("127.0.0.23") if version == 4 else None,
+                             FlowLog.disabled())
+        resolver = Resolver(service=service)
         found = await resolver.resolve("echo.lab.egressd.test", 80)
         assert set(map(str, found)) == {"203.0.113.100", "2001:db8:ffff::100"}
         asked = [json.loads(line) for line in log.getvalue().splitlines()]
@@ -152,10 +156,10 @@ async def test_the_pop_resolver_asks_its_upstream_from_the_shared_address() -> N
 async def test_an_unreachable_upstream_is_a_clear_resolve_error() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:  # bound, never answers
         hole.bind(("127.0.0.1", 0))
-        resolver = Resolver(upstreams=[(ipaddress.ip_address("127.0.0.1"), hole.getsockname()[1])],
-                            query_timeout=0.3)
-        with pytest.raises(ResolveError, match="no upstream answered"):
-            await resolver.resolve("echo.lab.egressd.test", 80)
+        service = DnsService("tst", [(ipaddress.ip_address("127.0.0.1"), hole.getsockname()[1])],
+                             lambda version: None, FlowLog.disabled(), timeout=0.3)
+        with pytest.raises(ResolveError, match=r"cannot resolve .*127\.0\.0\.1: "):
+            await Resolver(service=service).resolve("echo.lab.egressd.test", 80)
 
 
 def test_default_topology_is_installed_with_the_package() -> None:

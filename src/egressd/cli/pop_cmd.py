@@ -74,7 +74,9 @@ def pop(
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="Processes sharing the listeners (SO_REUSEPORT)."),
     flow_log: str = typer.Option("-", "--flow-log", help="Flow log path; '-' for stderr, 'off' for none."),
     static_host: list[str] = typer.Option([], "--host", help="NAME=IP static name for the resolver (labs, tests). Repeatable."),
-    dns_upstream: list[str] = typer.Option([], "--dns-upstream", help="IP[:PORT] ([IPv6]:PORT) of a DNS server to resolve flows' hostnames with, asked from this PoP's shared address (R4). Repeatable: tried in order. Default: the system resolver."),
+    dns_upstream: list[str] = typer.Option([], "--dns-upstream", help="IP[:PORT] ([IPv6]:PORT) of an upstream DNS server for the PoP's resolver (flows' hostnames and --dns-listen), asked from this PoP's shared address (R4). Repeatable: tried in order. Default: the system resolver (with --dns-listen: the servers in /etc/resolv.conf)."),
+    dns_listen: list[str] = typer.Option([], "--dns-listen", help="HOST:PORT where the PoP serves DNS to devices over UDP and TCP (and DoH at /dns-query on its HTTP(S) listeners). Repeatable."),
+    dns_allow: list[str] = typer.Option([], "--dns-allow", help="CIDR of clients that may use --dns-listen and DoH without a device credential; others get REFUSED. Repeatable. Default: loopback."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="Seconds to connect upstream."),
     handshake_timeout: float = typer.Option(10.0, "--handshake-timeout", help="Seconds a client has to finish its request."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", help="Seconds an idle tunnel is kept."),
@@ -126,6 +128,13 @@ def pop(
             raise typer.BadParameter(f"expected NAME=IP, got {item!r}", param_hint="--host")
 
     upstreams = [_dns_server(item) for item in dns_upstream]
+    dns_listens = [_host_port(item, "--dns-listen") for item in dns_listen]
+    dns_allows = []
+    for item in dns_allow:
+        try:
+            dns_allows.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise typer.BadParameter(f"expected a CIDR, got {item!r}", param_hint="--dns-allow") from None
     if pki is not None and workers > 1:
         raise typer.BadParameter("the backbone (--pki) runs in one process for now: use --workers 1",
                                  param_hint="--workers")
@@ -139,7 +148,7 @@ def pop(
     hold_signals()
 
     def child() -> None:
-        run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, (statics, upstreams),
+        run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, (statics, upstreams, dns_listens, dns_allows),
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1, limits, backbone_spec,
                                (max_request_line, max_header_bytes, max_header_fields), device))
@@ -307,7 +316,8 @@ async def _serve_pop(
     source: Path | ControlSource, code: str, plain: list[tuple[str, int]], tls: list[tuple[str, int]],
     cert: Path | None, key: Path | None, flow_log: str,
     names: tuple[dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]],
-                 list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]],
+                 list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]],
+                 list[tuple[str, int]], list[ipaddress.IPv4Network | ipaddress.IPv6Network]],
     connect_timeout: float, handshake_timeout: float, idle_timeout: float,
     max_lifetime: float | None, grace: float, reuse_port: bool, limits: AdmissionLimits,
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
@@ -388,10 +398,16 @@ async def _serve_pop(
                          max_header_fields=head_limits[2])
     flowlog = _open_flow_log(flow_log)
     state = StateHolder(snapshot, view)
-    resolver = Resolver(static=names[0], upstreams=names[1])
-    resolver.source_for = lambda version: shared_source(state, code, version)
-    runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(), resolver,
-                         options, flowlog, metrics)
+    dns_service = None
+    if names[1] or names[2]:
+        from egressd.pop.dns_service import DEFAULT_ALLOW, DnsService, system_upstreams
+
+        dns_service = DnsService(code, names[1] or system_upstreams(),
+                                 lambda version: shared_source(state, code, version), flowlog,
+                                 allow=names[3] or DEFAULT_ALLOW)
+    runtime = PopRuntime(code, state, stack.backbone if stack else NoBackbone(),
+                         Resolver(static=names[0], service=dns_service), options, flowlog, metrics)
+    runtime.dns = dns_service
     specs = [ListenerSpec(host, port) for host, port in plain]
     specs += [ListenerSpec(host, port, tls=True) for host, port in tls]
     context = server_tls_context(cert, key) if tls and cert and key else None
@@ -405,10 +421,17 @@ async def _serve_pop(
         await server.start()
         if device_link is not None:
             await device_link.start()
+        if dns_service is not None and names[2]:
+            await dns_service.start(names[2], reuse_port=reuse_port)
+            log.info("DNS for devices on %s (UDP, TCP), upstreams %s", ", ".join(
+                f"{host}:{port}" for host, port in dns_service.addresses),
+                ", ".join(str(server) for server, _ in dns_service.upstreams) or "none")
         if stack is not None:
             await stack.start(runtime, state)
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
+        if dns_service is not None:
+            dns_service.close()
         if device_link is not None:
             await device_link.close()
         await server.close()
@@ -439,6 +462,8 @@ async def _serve_pop(
     log.info("%s: draining for up to %g s", reason, grace)
     if device_link is not None:
         device_link.stop_accepting()
+    if dns_service is not None:
+        dns_service.close()
     await server.drain(grace)
     if device_link is not None:
         await device_link.close()

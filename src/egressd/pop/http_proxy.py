@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from egressd.pop.client_io import ClientIO, SocketIO, start_tunnel
+from egressd.pop.doh import MAX_BODY as DOH_MAX_BODY
+from egressd.pop.doh import PATH as DOH_PATH
+from egressd.pop.doh import serve_doh
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_forward import (
     Detached,
@@ -47,7 +50,7 @@ from egressd.protocols.http1 import (
     proxy_auth_required,
     simple_response,
 )
-from egressd.protocols.http1_body import BodyTracker, HttpError
+from egressd.protocols.http1_body import BodyKind, BodyTracker, HttpError
 
 log = logging.getLogger("egressd.pop.http")
 
@@ -120,6 +123,14 @@ async def _serve(
                     return False
             if head is None:
                 return False
+            if head.is_origin_form and head.path.split("?", 1)[0] == DOH_PATH:
+                body = await _local_body(runtime, io, reader, head)
+                if body is None:
+                    return False
+                await serve_doh(runtime, io, head, body)
+                if not head.keep_alive:
+                    return False
+                continue
             if head.is_origin_form:
                 # A body after a local request is not read: close rather than parse it as a head.
                 if (not await _local_endpoint(runtime, io, head) or not head.keep_alive
@@ -338,6 +349,32 @@ async def _copy_body(
         if not data:
             tracker.eof()
             return b""
+
+
+async def _local_body(runtime: PopRuntime, io: ClientIO, reader: RequestHeadReader,
+                      head: RequestHead) -> bytes | None:
+    """The body of a request to the PoP itself (DoH POST), at most DOH_MAX_BODY bytes with a
+    Content-Length; b"" without a body. None: refused with a response, close the connection."""
+    if not head.body.has_body:
+        return b""
+    if head.body.kind is not BodyKind.CONTENT_LENGTH or head.body.length > DOH_MAX_BODY:
+        await _try_send(io, simple_response(413, "Content Too Large",
+                                            f"a body of at most {DOH_MAX_BODY} bytes, with Content-Length\n".encode()))
+        return None
+    data = reader.remainder()
+    try:
+        async with asyncio.timeout(runtime.options.handshake_timeout):
+            while len(data) < head.body.length:
+                chunk = await io.recv()
+                if not chunk:
+                    return None
+                data += chunk
+    except TimeoutError:
+        await _try_send(io, simple_response(408, "Request Timeout", b"request body timeout\n"))
+        return None
+    if len(data) > head.body.length:
+        reader.feed(data[head.body.length:])  # pipelined requests
+    return data[:head.body.length]
 
 
 async def _local_endpoint(runtime: PopRuntime, io: ClientIO, head: RequestHead) -> bool:

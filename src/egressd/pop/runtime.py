@@ -26,6 +26,7 @@ from egressd.model.addresses import IPAddress
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
+from egressd.pop.dns_service import DnsService
 from egressd.pop.flowlog import FlowLog, FlowRecord
 from egressd.pop.identity import Identity, authenticate
 from egressd.pop.metrics import PopMetrics
@@ -168,6 +169,7 @@ class PopRuntime:
         self.state = state
         self.backbone = backbone
         self.resolver = resolver
+        self.dns: DnsService | None = None  # the PoP's DNS service for devices (DoH, port 53)
         self.options = options
         self.flowlog = flowlog
         self.metrics = metrics

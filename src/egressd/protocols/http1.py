@@ -76,6 +76,7 @@ __all__ = [
     "RequestHeadReader",
     "ResponseHead",
     "ResponseHeadReader",
+    "basic_credentials",
     "connect_established",
     "error_response",
     "forward_head",
@@ -173,6 +174,11 @@ def _format_authority(host: str, port: int, default_port: int | None) -> str:
 
 
 # --- credentials -----------------------------------------------------------------------
+
+
+def basic_credentials(value: bytes) -> tuple[str, str] | None:
+    """(user, password) of one ``Basic`` credentials value (RFC 7617), or None."""
+    return _basic_credentials([value])
 
 
 def _basic_credentials(values: list[bytes]) -> tuple[str, str] | None:
