@@ -22,7 +22,7 @@ from egressd.pop.backbone import header_fields
 from egressd.pop.identity import hash_secret
 from egressd.pop.runtime import FlowHeader
 
-from .helpers import basic, close_writer, read_response, socks5_udp, tcp_server
+from .helpers import basic, close_writer, read_response, socks5_connect, socks5_udp, tcp_server
 from .processes import EgressdProcess, Start, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -208,6 +208,25 @@ class UdpTell(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.transport.sendto(f"{addr[0]} {data.decode()}".encode(), addr)
+
+
+async def test_socks5_connect_to_an_address_crosses_the_backbone(egressd_process: Start, tmp_path: Path) -> None:
+    """SOCKS5 CONNECT to an address literal (curl -x socks5://, no remote name). A regression
+    found in the lab: the socket pair to the link has no address for BND.ADDR, and the PoP
+    failed the handshake with a traceback."""
+    lab = Backbone(egressd_process, tmp_path)
+    for code in ("las", "lax"):
+        await lab.start(code)
+    await lab.converged()
+    async with tcp_server("127.0.0.1", tell_source) as origin:
+        for _ in range(2):  # the first and the next: both handshake paths of the listener
+            reply, reader, writer = await socks5_connect(lab.listen["las"], ("acme-laptop", SECRET), *origin)
+            try:
+                assert reply == 0
+                assert (await asyncio.wait_for(reader.readline(), 5.0)).strip() == b"127.0.2.100"
+            finally:
+                await close_writer(writer)
+    assert "Traceback" not in lab.children["las"].stderr()
 
 
 async def test_udp_crosses_the_backbone(egressd_process: Start, tmp_path: Path) -> None:

@@ -52,7 +52,13 @@ from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.socks_proxy import log_auth_failure, serve_request
-from egressd.pop.upstream import UpstreamError, connect_outcome, connect_timed_out, start_connect
+from egressd.pop.upstream import (
+    UpstreamError,
+    bound_address,
+    connect_outcome,
+    connect_timed_out,
+    start_connect,
+)
 from egressd.protocols.http1 import (
     HttpError,
     RequestHead,
@@ -358,7 +364,7 @@ class PlainHandshake:
             raise
         self.upstream = upstream
         try:
-            self._tunnel(upstream, upstream.getsockname())
+            self._tunnel(upstream, bound_address(upstream))
         except BaseException:
             self._close()
             raise

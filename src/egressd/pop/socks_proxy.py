@@ -15,7 +15,7 @@ from egressd.pop.client_io import ClientIO, start_tunnel
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.udp_relay import UdpAssociation
-from egressd.pop.upstream import UpstreamError
+from egressd.pop.upstream import UpstreamError, bound_address
 from egressd.protocols.socks5 import (
     Command,
     CredentialsReceived,
@@ -114,7 +114,7 @@ async def _connect(runtime: PopRuntime, io: ClientIO, server: Socks5Server, iden
             await io.send(server.reply(ReplyCode(exc.socks_reply)))
         runtime.finish(record)
         return False
-    bound_host, bound_port = upstream.getsockname()[:2]
+    bound_host, bound_port = bound_address(upstream)
     reply = server.reply(ReplyCode.SUCCEEDED, bound_host, bound_port)
     return await start_tunnel(runtime, io, upstream, record, reply, server.remainder())
 

@@ -108,6 +108,20 @@ def _set_freebind(sock: socket.socket, source: IPAddress, options: SocketOptions
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
 
 
+def bound_address(upstream: socket.socket) -> tuple[str, int]:
+    """The address and port a flow left from, for SOCKS5's BND.ADDR: the socket's own, or
+    for a flow carried over the backbone (a socket pair to the link) the egress PoP's, as it
+    reported it (`egress_local`, "ip:port")."""
+    if upstream.family in (socket.AF_INET, socket.AF_INET6):
+        name = upstream.getsockname()
+        return str(name[0]), int(name[1])
+    reported = getattr(upstream, "egress_local", None) or ""
+    host, _, port = reported.rpartition(":")
+    if host and port.isdigit():
+        return host.strip("[]"), int(port)
+    return "0.0.0.0", 0
+
+
 async def connect_tcp(
     source: IPAddress, address: IPAddress, port: int, options: SocketOptions, connect_timeout: float
 ) -> socket.socket:
