@@ -97,9 +97,13 @@ def test_ipv6_leaves_las_geolocated_to_los_angeles(seed_rows: dict[str, dict[str
     assert row["geolocation"] == "Los Angeles" and row["ok"]
 
 
-def test_the_gateways_dns_query_leaves_from_a_shared_address(seed_rows: dict[str, dict[str, Any]]) -> None:
-    row = seed_rows["DNS query by the gateway"]
-    assert row["source"] in LAS_SHARED and row["geolocation"] == "Las Vegas" and row["ok"], row
+@pytest.mark.parametrize("case", ["DNS query by the device to its PoP", "name of a proxied flow, resolved by the PoP"])
+def test_dns_resolved_by_the_gateway_leaves_from_a_shared_address(seed_rows: dict[str, dict[str, Any]],
+                                                                   case: str) -> None:
+    """R4, from the lab DNS server's log: the query came from a las shared address over las's link."""
+    row = seed_rows[case]
+    assert row["source"] in LAS_SHARED and row["egress_pop"] == "las", row
+    assert row["geolocation"] == "Las Vegas" and row["ok"], row
 
 
 def test_the_private_origin_sees_no_dedicated_address(seed_rows: dict[str, dict[str, Any]]) -> None:
@@ -164,6 +168,29 @@ def test_curl_from_the_device_namespace(lab_name: str) -> None:
     direct = subprocess.run([*lab.exec_in("s-home", "curl"), "-sS", "--max-time", "3", "http://203.0.113.100/"],
                             capture_output=True, text=True, check=False)
     assert direct.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_resolves_with_doh_at_its_pop(lab_name: str) -> None:
+    """curl --doh-url at the user's site: its PoP's DoH answers from the lab zone (asked upstream
+    from a shared address), then the flow goes through SOCKS5 to the address curl resolved."""
+    lab = runner.load(lab_name)
+    name = f"doh{secrets.token_hex(3)}.echo.lab.egressd.test"
+    credentials = "alice-laptop:lab-alice-secret"
+    config = lab.directory / "curl-doh.rc"
+    config.touch(mode=0o600)
+    config.write_text(f'doh-url = "https://{credentials}@203.0.113.1:8443/dns-query"\n'
+                      f'proxy = "socks5://{credentials}@203.0.113.1:8080"\n')
+    result = subprocess.run([*lab.exec_in("s-home", "curl"), "-sS", "-4", "--max-time", "10", "-K", str(config),
+                             "--cacert", str(lab.pki / "ca.crt"), f"http://{name}/trace"],
+                            capture_output=True, text=True, check=False)
+    trace = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert (trace.get("ip"), trace.get("link")) == ("198.51.100.50", "lax"), result
+    asked = [json.loads(line) for line in lab.dns_log.read_text().splitlines()]
+    asked = [entry for entry in asked if entry["name"] == f"{name}."]
+    assert asked and {(e["source"], e["link"]) for e in asked} <= {(a, "las") for a in LAS_SHARED}
+    flows = [json.loads(line) for line in lab.flow_log("las").read_text().splitlines()]
+    assert any(f["protocol"] == "dns" and f["hostname"] == name and f["account"] == "acme" for f in flows)
 
 
 def test_a_failed_up_leaves_nothing(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Authoritative for one zone over UDP and TCP: A and AAAA from the zone file, and
 `whoami.<zone>` TXT answered with the address the query came from (like
 `o-o.myaddr.l.google.com`), so a test can see which source address a resolver used (R4).
-Every query is appended to a JSON-lines log: the lab's proof of what the upstream saw.
+Every query is appended to a JSON-lines log — source address and the interface it arrived
+on (in the lab, the link of the PoP that sent it): the lab's proof of what the upstream saw.
 Names outside the zone get REFUSED, unknown names in it NXDOMAIN; malformed packets are
 dropped and counted in the log.
 
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import signal
+import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +34,8 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+from egressd.echo import arrival
 
 TTL = 30
 MAX_TCP_MESSAGE = 65535
@@ -101,9 +107,11 @@ class DnsServer:
         self.zone = zone
         self.log = log
 
-    def handle(self, wire: bytes, peer: tuple[str, int], transport: str) -> bytes | None:
+    def handle(self, wire: bytes, peer: tuple[str, int], transport: str, link: str | None = None) -> bytes | None:
         reply, seen = self.zone.answer(wire, peer[0])
         entry = {"ts": round(time.time(), 3), "source": peer[0], "port": peer[1], "transport": transport, **seen}
+        if link is not None:
+            entry["link"] = link  # the interface the query arrived on: in the lab, the PoP's link
         self.log.write(json.dumps(entry) + "\n")
         self.log.flush()
         return reply
@@ -115,7 +123,7 @@ class DnsServer:
                 async with asyncio.timeout(10):
                     length = struct.unpack("!H", await reader.readexactly(2))[0]
                     wire = await reader.readexactly(length)
-                reply = self.handle(wire, (peer[0], peer[1]), "tcp")
+                reply = self.handle(wire, (peer[0], peer[1]), "tcp", arrival.tcp_arrival(writer.get_extra_info("socket")))
                 if reply is None:
                     return
                 writer.write(struct.pack("!H", len(reply)) + reply)
@@ -126,15 +134,42 @@ class DnsServer:
             writer.close()
 
 
+def _serve_udp_with_link(loop: asyncio.AbstractEventLoop, server: DnsServer, host: str, port: int) -> Callable[[], None]:
+    """UDP read with recvmsg, to log the arrival interface (asyncio's transport drops it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind((host, port))
+    arrival.enable(sock)
+
+    def readable() -> None:
+        for _ in range(64):
+            try:
+                wire, ancillary, _flags, addr = sock.recvmsg(65535, arrival.ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            reply = server.handle(wire, (addr[0], addr[1]), "udp", arrival.interface_of(ancillary))
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply, addr)
+
+    loop.add_reader(sock.fileno(), readable)
+
+    def close() -> None:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+    return close
+
+
 async def run(zone: Zone, log_path: Path, hosts: list[str], port: int) -> None:
     loop = asyncio.get_running_loop()
     with log_path.open("a", encoding="utf-8") as log:
         server = DnsServer(zone, log)
         closers = []
         for host in hosts:
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(server), local_addr=(host, port))
-            closers.append(transport.close)
+            closers.append(_serve_udp_with_link(loop, server, host, port))
             tcp = await asyncio.start_server(server.tcp, host, port)
+            for sock in tcp.sockets:
+                arrival.enable(sock)
             closers.append(tcp.close)
         print("ready", flush=True)
         stop = asyncio.Event()

@@ -7,7 +7,10 @@ device credential is read from a 0600 file so it never appears on a command line
 
 IPv6 literals go through SOCKS5 CONNECT instead (see `socks5_http_probe`).
 
+`dns`: one query to the PoP's resolver on port 53.
+
 Run: ``python -m egressd.lab.probe http|socks5-http PROXY CREDENTIALS_FILE URL``
+     ``python -m egressd.lab.probe dns POP_ADDRESS NAME TYPE``
      ``python -m egressd.lab.probe udp PROXY CREDENTIALS_FILE HOST PORT``
 """
 
@@ -169,7 +172,26 @@ def udp_probe(proxy: str, credentials: str, host: str, port: int) -> dict[str, A
     return result
 
 
+def dns_probe(server: str, name: str, kind: str) -> dict[str, Any]:
+    """One query to the PoP's resolver on port 53 (UDP), as a device's stub would send it."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    try:
+        response = dns.query.udp(dns.message.make_query(name, kind), server, timeout=TIMEOUT)
+    except (dns.exception.DNSException, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    answers = [rdata.to_text() for rrset in response.answer for rdata in rrset]
+    rcode = dns.rcode.to_text(response.rcode())
+    return {"ok": rcode == "NOERROR" and bool(answers), "rcode": rcode, "answer": answers}
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "dns":
+        print(json.dumps(dns_probe(argv[1], argv[2], argv[3])))
+        return 0
     if len(argv) < 4 or argv[0] not in ("http", "socks5-http", "udp"):
         print(__doc__, file=sys.stderr)
         return 2

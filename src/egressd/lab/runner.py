@@ -198,8 +198,11 @@ def start_pop(lab: Lab, code: str) -> None:
             "--pki", str(lab.pki), "--backbone-port", str(plan.backbone_port),
             "--flow-log", str(lab.flow_log(code))]
     dns_origin = next((o for o in plan.origins if o.kind == "dns"), None)
-    if dns_origin is not None:
-        args += ["--dns-upstream", str(dns_origin.ipv4)]
+    if dns_origin is not None:  # the PoP's resolver: for its flows' names and its devices (R4)
+        args += ["--dns-upstream", str(dns_origin.ipv4), "--dns-listen", f"{address}:{plan.dns_port}"]
+        for link in plan.links:
+            if link.b_role == code and link.a_role.startswith("s-"):
+                args += ["--dns-allow", str(link.v4), "--dns-allow", str(link.v6)]
     _spawn(lab, code, f"pop-{code}.log", *egressd(*args))
 
 

@@ -113,6 +113,9 @@ class Device:
         kind = "socks5-http" if "[" in url else "http"
         return self._probe(kind, self.proxy, str(self.credentials), url)
 
+    def dns(self, name: str, kind: str) -> dict[str, Any]:
+        return self._probe("dns", str(self.lab.plan.pop_address(self.pop)), name, kind)
+
     def udp(self, host: str, port: int) -> dict[str, Any]:
         return self._probe("udp", self.proxy, str(self.credentials), host, str(port))
 
@@ -265,6 +268,7 @@ def seed(lab: Lab) -> Result:
                  lambda r: r.egress_pop == connected and subrange_of(primary, r.source)
                  and r.geolocation == home_city[primary.id],
                  f"leaves {connected} from {primary.ipv6}'s {connected} sub-range, {home_city[primary.id]}")
+    result.rows.append(_device_dns_row(lab, device, echo, connected, shared, geofeed))
     result.rows.append(_dns_row(lab, device, echo, connected, shared, geofeed))
     if private is not None:
         http_row("private origin over a WAN route (R4)", private, 4,
@@ -305,37 +309,47 @@ def seed(lab: Lab) -> Result:
     return result
 
 
+def _device_dns_row(lab: Lab, device: Device, echo: Origin, connected: str, shared: set[str],
+                    geofeed: GeofeedIndex) -> Row:
+    """The device asks its PoP's resolver (port 53) for a fresh name: the upstream's log
+    says which address the PoP asked from (R4), and the device gets the zone's answer."""
+    name = f"d{secrets.token_hex(4)}.{echo.name}.{lab.plan.zone}"
+    row = Row("DNS query by the device to its PoP (R4)", name, 4, connected,
+              expected=f"answered {echo.ipv4}; asked upstream from a {connected} shared address")
+    answer = device.dns(name, "A")
+    if answer.get("answer") != [str(echo.ipv4)]:
+        row.note = str(answer.get("error") or f"answer {answer.get('rcode')} {answer.get('answer')}")[:160]
+    return _upstream_saw(lab, row, name, shared, geofeed)
+
+
 def _dns_row(lab: Lab, device: Device, echo: Origin, connected: str, shared: set[str],
              geofeed: GeofeedIndex) -> Row:
     """A name only this row asks for: the lab DNS server's log says who asked for it (R4)."""
     name = f"r{secrets.token_hex(4)}.{echo.name}.{lab.plan.zone}"
-    row = Row("DNS query by the gateway (R4)", name, 4, connected,
+    row = Row("name of a proxied flow, resolved by the PoP (R4)", name, 4, connected,
               expected=f"asked from a {connected} shared address")
     answer = device.http(f"http://{name}:{ECHO_HTTP_PORT}/")
     if not answer.get("ok"):
         row.note = str(answer.get("error", "failed"))[:160]
-    sources = []
+    return _upstream_saw(lab, row, name, shared, geofeed)
+
+
+def _upstream_saw(lab: Lab, row: Row, name: str, shared: set[str], geofeed: GeofeedIndex) -> Row:
+    sources, links = [], []
     try:
         for line in lab.dns_log.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
             if entry.get("name", "").rstrip(".") == name:
                 sources.append(entry["source"])
+                links.append(entry.get("link") or "?")
     except (OSError, json.JSONDecodeError) as exc:
         row.note = f"cannot read the DNS log: {exc}"
     if sources:
-        row.source = sorted(set(sources))[0] if len(set(sources)) == 1 else ", ".join(sorted(set(sources)))
-        owners = {_owner_pop(lab, s) for s in sources}
-        row.egress_pop = ", ".join(sorted(owners))
+        row.source = ", ".join(sorted(set(sources)))
+        row.egress_pop = ", ".join(sorted(set(links)))
         row.geolocation = _city(geofeed, sources[0])
-    row.ok = bool(sources) and set(sources) <= shared and not row.note
+    row.ok = bool(sources) and set(sources) <= shared and set(links) == {row.connected} and not row.note
     return row
-
-
-def _owner_pop(lab: Lab, source: str) -> str:
-    for code, dc in lab.plan.snapshot.data_centers.items():
-        if source in {str(a) for a in dc.shared_ipv4}:
-            return code
-    return "?"
 
 
 def _failover_row(lab: Lab, device: Device, echo: Origin, connected: str, primary: DedicatedLocation,
