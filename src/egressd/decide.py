@@ -21,6 +21,7 @@ from egressd.model.accounts import DedicatedLocation, Fallback
 from egressd.model.addresses import IPAddress, address_in_prefix, stable_hash
 from egressd.model.lookup import normalise_hostname
 from egressd.model.policy import SHARED_SECONDARY, DedicatedAction, EgressPolicy
+from egressd.model.routes import RouteKind
 from egressd.model.snapshot import IPV6_SUBRANGE_BITS, AccountIndex, Snapshot
 from egressd.model.topology import DataCenter
 
@@ -351,6 +352,23 @@ def _shared_source(connected: DataCenter, flow: Flow) -> IPAddress | None:
     if len(shared) == 1:  # the common case needs no hash
         return shared[0]
     return shared[stable_hash(flow.account or "", flow.user) % len(shared)]
+
+
+def decide_private_name(snapshot: Snapshot, flow: Flow) -> Decision | None:
+    """R4 for a hostname that one of the account's *tunnel* routes serves, before any
+    resolution: the connector resolves it inside its private network, which the PoP's
+    resolver cannot see. None when no tunnel route of the account names it (then the
+    flow is resolved and decided per address as usual). `flow.address` only picks the
+    family of the (unused) shared source."""
+    connected = snapshot.data_centers.get(flow.connected_pop)
+    entry = snapshot.accounts.get(flow.account or "")
+    if connected is None or entry is None or not entry.has_route_hosts or not flow.hostname:
+        return None
+    route = entry.route_hosts.longest(normalise_hostname(flow.hostname))
+    if route is None or route.kind is not RouteKind.TUNNEL:
+        return None
+    return _shared(connected, flow, "R4", path=Path.PRIVATE_ROUTE, route=route.id,
+                   via=route.via, reason=f"private route {route.id} ({route.kind.value})")
 
 
 def _shared(

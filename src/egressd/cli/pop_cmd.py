@@ -69,6 +69,7 @@ def pop(
     listen: list[str] = typer.Option(["127.0.0.1:8080"], "--listen", help="HOST:PORT for HTTP proxy + SOCKS5 (sniffed). Repeatable."),
     https_listen: list[str] = typer.Option([], "--https-listen", help="HOST:PORT for the HTTPS proxy (TLS). Repeatable."),
     device_listen: str | None = typer.Option(None, "--device-listen", help="HOST:PORT for device links (TLS 1.3 + HTTP/2 extended CONNECT, one connection per device; `egressd client run`). Needs --cert and --key."),
+    tunnel_listen: str | None = typer.Option(None, "--tunnel-listen", help="HOST:PORT where tunnel connectors (egressd tunnel run) attach: TLS with --cert/--key, else the --pki certificate of this PoP."),
     cert: Path | None = typer.Option(None, "--cert", help="Certificate (PEM) for --https-listen and --device-listen."),
     key: Path | None = typer.Option(None, "--key", help="Private key (PEM) for --https-listen."),
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="Processes sharing the listeners (SO_REUSEPORT)."),
@@ -115,6 +116,12 @@ def pop(
     if device_listen and (cert is None or key is None):
         raise typer.BadParameter("--device-listen needs --cert and --key", param_hint="--device-listen")
     device = _host_port(device_listen, "--device-listen") if device_listen else None
+    if tunnel_listen and (cert is None or key is None) and pki is None:
+        raise typer.BadParameter("--tunnel-listen needs --cert and --key, or --pki", param_hint="--tunnel-listen")
+    tunnel_at = _host_port(tunnel_listen, "--tunnel-listen") if tunnel_listen else None
+    if tunnel_listen and workers > 1:
+        raise typer.BadParameter("connectors attach to one process: use --workers 1 with "
+                                 "--tunnel-listen", param_hint="--workers")
     plain = [_host_port(item, "--listen") for item in listen]
     tls = [_host_port(item, "--https-listen") for item in https_listen]
     statics: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
@@ -151,7 +158,8 @@ def pop(
         run(lambda: _serve_pop(source, code, plain, tls, cert, key, flow_log, (statics, upstreams, dns_listens, dns_allows),
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1, limits, backbone_spec,
-                               (max_request_line, max_header_bytes, max_header_fields), device))
+                               (max_request_line, max_header_bytes, max_header_fields), device,
+                               tunnel_at))
 
     if workers == 1:
         child()
@@ -323,6 +331,7 @@ async def _serve_pop(
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
     head_limits: tuple[int, int, int] = (8192, 65536, 100),
     device_listen: tuple[str, int] | None = None,
+    tunnel_listen: tuple[str, int] | None = None,
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -417,10 +426,22 @@ async def _serve_pop(
         from egressd.pop.device_link import DeviceLinkServer, device_tls_context
 
         device_link = DeviceLinkServer(runtime, device_tls_context(cert, key), *device_listen)
+    tunnels = None
+    if tunnel_listen is not None:
+        from egressd.pop.device_link import device_tls_context
+        from egressd.pop.tunnel_link import TunnelServer
+
+        pki = backbone_spec[0]
+        tunnel_cert, tunnel_key = (cert, key) if cert and key else (
+            (pki / f"pop-{code}.crt", pki / f"pop-{code}.key") if pki else (None, None))
+        assert tunnel_cert is not None and tunnel_key is not None  # checked with the options
+        tunnels = TunnelServer(runtime, device_tls_context(tunnel_cert, tunnel_key), *tunnel_listen)
     try:
         await server.start()
         if device_link is not None:
             await device_link.start()
+        if tunnels is not None:
+            await tunnels.start()
         if dns_service is not None and names[2]:
             await dns_service.start(names[2], reuse_port=reuse_port)
             log.info("DNS for devices on %s (UDP, TCP), upstreams %s", ", ".join(
@@ -434,6 +455,8 @@ async def _serve_pop(
             dns_service.close()
         if device_link is not None:
             await device_link.close()
+        if tunnels is not None:
+            await tunnels.close()
         await server.close()
         if stack is not None:
             await stack.close()
@@ -455,7 +478,8 @@ async def _serve_pop(
         from egressd.pop.health_report import HealthReporter
 
         reporter = HealthReporter(source.url, source.token, {code: state},
-                                  verify=watcher.verify)
+                                  verify=watcher.verify,
+                                  tunnels={code: tunnels.status} if tunnels else None)
         reporter.start()
 
     reason = await stopped
@@ -467,6 +491,8 @@ async def _serve_pop(
     await server.drain(grace)
     if device_link is not None:
         await device_link.close()
+    if tunnels is not None:
+        await tunnels.close()
     if stack is not None:
         await stack.close()
     if shipper is not None:

@@ -43,7 +43,7 @@ from egressd.mux import (
     pump,
 )
 from egressd.pop.background import BackgroundTask
-from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder
+from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder, TunnelFlow
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.socks5 import ProtocolError, build_udp_datagram, parse_udp_datagram
 
@@ -51,6 +51,7 @@ log = logging.getLogger("egressd.pop.backbone")
 
 PROTOCOL_TCP: Final = "egressd-tcp"
 PROTOCOL_UDP: Final = "connect-udp"
+PROTOCOL_TUNNEL: Final = "egressd-tunnel"  # a flow for a connector attached to the far PoP
 PING_INTERVAL: Final = 0.5
 DEAD_AFTER: Final = 1.5  # with the interval: a dead peer is avoided within ~2 s (R11: 3 s)
 RTT_SMOOTHING: Final = 0.3
@@ -151,6 +152,32 @@ class MuxBackbone:
         ours.setblocking(False)
         theirs.setblocking(False)
         task = asyncio.create_task(self._carry(egress_pop, header, stream, theirs))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+        return ours
+
+    async def open_tunnel(self, pop: str, connector: str, flow: TunnelFlow) -> socket.socket:
+        """A flow to a private route, carried to `pop`, where `connector` is attached (R4)."""
+        fields = {"egressd-flow": flow.flow_id, "egressd-account": flow.account,
+                  "egressd-connector": connector, "egressd-host": flow.host,
+                  "egressd-port": str(flow.port)}
+        try:
+            stream = await self.client(pop).open(fields, protocol=PROTOCOL_TUNNEL)
+        except StreamRefused as refused:
+            raise UpstreamError(f"PoP {pop}: {refused.reason}", status=refused.status,
+                                socks_reply=0x02 if refused.status == 403 else 0x05) from None
+        except (MuxError, OSError) as error:
+            raise UpstreamError(f"PoP {pop} is unreachable over the backbone ({error})",
+                                status=502, socks_reply=0x03) from None
+        pair, theirs = socket.socketpair()
+        ours = BackboneSocket(pair.family, pair.type, pair.proto, fileno=pair.detach())
+        ours.egress_local = stream.response_headers.get("egressd-local")
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        header = FlowHeader(flow_id=flow.flow_id, account=flow.account,
+                            source_address=ipaddress.IPv4Address(0),
+                            destination=ipaddress.IPv4Address(0), port=flow.port, protocol="tcp")
+        task = asyncio.create_task(self._carry(pop, header, stream, theirs))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
         return ours
@@ -300,6 +327,9 @@ class BackboneServer:
         if stream.headers.get(":protocol") == PROTOCOL_UDP:
             await self._handle_udp(stream, peer)
             return
+        if stream.headers.get(":protocol") == PROTOCOL_TUNNEL:
+            await self._handle_tunnel(stream, peer)
+            return
         if stream.headers.get(":protocol") != PROTOCOL_TCP:
             await stream.refuse(501, f"protocol {stream.headers.get(':protocol')!r} not carried")
             return
@@ -325,6 +355,35 @@ class BackboneServer:
         finally:
             sock.close()
 
+
+    async def _handle_tunnel(self, stream: MuxStream, peer: PeerIdentity) -> None:
+        """A flow for a connector attached here; the connector checks nothing of the
+        account, so `PopRuntime.egress_tunnel` does (R13)."""
+        fields = stream.headers
+        try:
+            port = int(fields.get("egressd-port", ""))
+            flow = TunnelFlow(fields["egressd-flow"], fields["egressd-account"],
+                              fields["egressd-host"], port)
+            connector = fields["egressd-connector"]
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} out of range")
+        except (KeyError, ValueError) as error:
+            await stream.refuse(400, f"bad tunnel flow header from {peer.common_name}: {error}")
+            return
+        try:
+            sock = await self.runtime.egress_tunnel(connector, flow)
+        except UpstreamError as error:
+            log.info("tunnel flow %s from %s: %s", flow.flow_id, peer.common_name, error.reason)
+            await stream.refuse(error.status if 400 <= error.status <= 599 else 502, error.reason)
+            return
+        try:
+            await stream.accept({"egressd-local": getattr(sock, "egress_local", None) or ""})
+            await pump(stream, sock)
+        except MuxError as error:
+            log.info("tunnel flow %s: backbone link from %s lost: %s", flow.flow_id,
+                     peer.common_name, error)
+        finally:
+            sock.close()
 
     async def _handle_udp(self, stream: MuxStream, peer: PeerIdentity) -> None:
         try:

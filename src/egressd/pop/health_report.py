@@ -8,7 +8,7 @@ import asyncio
 import logging
 import math
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import httpx
@@ -32,9 +32,11 @@ def view_of(code: str, holder: StateHolder) -> dict[str, Any]:
 
 class HealthReporter:
     def __init__(self, control_url: str, token: str, holders: Mapping[str, StateHolder], *,
-                 interval: float = INTERVAL, verify: ssl.SSLContext | bool = True) -> None:
+                 interval: float = INTERVAL, verify: ssl.SSLContext | bool = True,
+                 tunnels: Mapping[str, Callable[[], list[dict[str, Any]]]] | None = None) -> None:
         self._base = control_url.rstrip("/")
         self._holders = dict(holders)
+        self._tunnels = dict(tunnels or {})  # per PoP: the connectors attached to it now
         self._interval = interval
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"}, timeout=5.0, verify=verify,
@@ -51,8 +53,10 @@ class HealthReporter:
 
     async def report_once(self) -> None:
         for code, holder in self._holders.items():
-            response = await self._client.put(f"{self._base}/v1/pops/{code}/health",
-                                              json=view_of(code, holder))
+            view = view_of(code, holder)
+            if code in self._tunnels:
+                view["tunnels"] = self._tunnels[code]()
+            response = await self._client.put(f"{self._base}/v1/pops/{code}/health", json=view)
             response.raise_for_status()
 
     async def _run(self) -> None:

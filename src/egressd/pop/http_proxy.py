@@ -390,6 +390,9 @@ async def _local_endpoint(runtime: PopRuntime, io: ClientIO, head: RequestHead) 
             "snapshot_version": snapshot.version, "active_tunnels": len(runtime.relays),
             "config": runtime.state.config.health(),
         }
+        tunnels = getattr(runtime.tunnels, "status", None)
+        if tunnels is not None:
+            health["tunnels"] = tunnels()
         peers = getattr(runtime.backbone, "peers", None)
         if peers:  # the backbone's view of every peer: reachable, RTT (R6, R11)
             view = runtime.state.view

@@ -10,6 +10,7 @@ one of this PoP's dedicated addresses and belongs to the flow's account (R13).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Final, Protocol
 
 from prometheus_client import Counter, Histogram
 
-from egressd.decide import Decision, Flow, HealthView, Path, decide
+from egressd.decide import Decision, Flow, HealthView, Path, decide, decide_private_name
 from egressd.model.addresses import IPAddress
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
@@ -67,6 +68,25 @@ class FlowHeader:
     hostname: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelFlow:
+    """What a flow to a private route carries to its tunnel connector: the connector
+    connects to `host` (an address, or a name it resolves itself) from its own host."""
+
+    flow_id: str
+    account: str
+    host: str
+    port: int
+
+
+class Tunnels(Protocol):
+    """The connectors attached to this PoP (`pop/tunnel_link.py`)."""
+
+    def attached(self, connector: str, host: str) -> bool: ...
+
+    async def open_tcp(self, connector: str, flow: TunnelFlow) -> socket.socket: ...
+
+
 class UdpChannel(Protocol):
     """A UDP flow's datagrams carried elsewhere (the backbone), addressed per datagram like
     a datagram transport; replies come to `on_datagram(payload, (host, port))`."""
@@ -86,6 +106,8 @@ class Backbone(Protocol):
     async def open_tcp(self, egress_pop: str, header: FlowHeader) -> socket.socket: ...
 
     async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket | UdpChannel: ...
+
+    async def open_tunnel(self, pop: str, connector: str, flow: TunnelFlow) -> socket.socket: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +198,7 @@ class PopRuntime:
         self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
         self.pipes = PipePool()
         self.draining = False
+        self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
         # Metric children per label tuple: `labels()` costs microseconds per call.
         self._flow_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._connect_histograms: dict[str, Histogram] = {}
@@ -292,6 +315,10 @@ class PopRuntime:
         """Resolve, decide per candidate, connect (Happy Eyeballs). Raises FlowRefused or
         UpstreamError; fills the record's decision and addresses either way."""
         record.port = port
+        if self.resolver.literal(host) is None:
+            tunnelled = await self._private_name(identity, host, port, record)
+            if tunnelled is not None:
+                return tunnelled
         addresses = await self.resolve(host, port)
         candidates = self._candidates(identity, host, port, addresses, record)
         started = time.monotonic()
@@ -305,6 +332,26 @@ class PopRuntime:
             record.local_address = f"{local[0]}:{local[1]}"
         else:  # a backbone flow: the egress PoP said which address and port it used
             record.local_address = getattr(sock, "egress_local", None)
+        self.observe_connect(decision, time.monotonic() - started)
+        return sock
+
+    async def _private_name(self, identity: Identity, host: str, port: int,
+                            record: FlowRecord) -> socket.socket | None:
+        """A hostname of one of the account's tunnel routes goes to the connector unresolved
+        (R4); None for every other name."""
+        flow = Flow(account=identity.account, user=identity.user, device=identity.device,
+                    connected_pop=self.code, protocol="tcp", address=_ANY_V4, port=port,
+                    hostname=host)
+        decision = decide_private_name(self.state.snapshot, flow)
+        if decision is None or decision.route is None or decision.via is None:
+            return None
+        if record.admitted is None:
+            self.admit(record, identity)
+        record.decision, record.hostname, record.destination = decision, host, host
+        started = time.monotonic()
+        sock = await self._open_tunnel(decision.route, decision.via,
+                                       TunnelFlow(record.flow_id, identity.account, host, port))
+        record.local_address = getattr(sock, "egress_local", None)
         self.observe_connect(decision, time.monotonic() - started)
         return sock
 
@@ -364,10 +411,11 @@ class PopRuntime:
         source = decision.source_address
         assert source is not None
         if decision.path is Path.PRIVATE_ROUTE and decision.via is not None and decision.route:
-            route = next((r for r in self.state.snapshot.routes if r.id == decision.route), None)
+            route = next((r for r in self.state.snapshot.routes
+                          if r.id == decision.route and r.account == record.account), None)
             if route is not None and route.kind.value == "tunnel":
-                raise UpstreamError(f"private route {route.id}: connector {route.via!r} is not connected",
-                                    status=502, socks_reply=0x03)
+                flow = TunnelFlow(record.flow_id, record.account or "", str(address), port)
+                return await self._open_tunnel(route.id, route.via, flow)
         if decision.egress_pop not in (None, self.code):
             header = FlowHeader(flow_id=record.flow_id, account=record.account or "",
                                 source_address=source, destination=address, port=port,
@@ -391,6 +439,42 @@ class PopRuntime:
                 raise UpstreamError(f"in-network origin {address}: {exc.strerror}") from exc
         return sock
 
+    async def _open_tunnel(self, route: str, connector: str, flow: TunnelFlow) -> socket.socket:
+        """R4: to the connector, attached here or (over the backbone) to the nearest PoP
+        that has it; the connector connects from its own host."""
+        errors: list[str] = []
+        tunnels = self.tunnels
+        if tunnels is not None and tunnels.attached(connector, flow.host):
+            try:
+                return await tunnels.open_tcp(connector, flow)
+            except UpstreamError as error:
+                errors.append(error.reason)
+        view = self.state.view
+        peers = sorted((pop for pop in view.up if pop != self.code),
+                       key=lambda pop: (view.rtt(self.code, pop), pop))
+        for pop in peers:
+            try:
+                async with asyncio.timeout(self.options.connect_timeout):
+                    return await self.backbone.open_tunnel(pop, connector, flow)
+            except TimeoutError:
+                errors.append(f"PoP {pop} did not answer within {self.options.connect_timeout:g} s")
+            except UpstreamError as error:
+                if error.status == 403:
+                    raise
+                if "not attached" not in error.reason:
+                    errors.append(error.reason)
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise UpstreamError(f"private route {route}: connector {connector!r} is not connected{detail}",
+                            status=502, socks_reply=0x03)
+
+    async def egress_tunnel(self, connector: str, flow: TunnelFlow) -> socket.socket:
+        """A backbone flow for a connector attached here (never passed on again)."""
+        tunnels = self.tunnels
+        if tunnels is None or not tunnels.attached(connector, flow.host):
+            raise UpstreamError(f"connector {connector!r} is not attached to PoP {self.code}",
+                                status=502, socks_reply=0x03)
+        return await tunnels.open_tcp(connector, flow)
+
     async def egress_tcp(self, header: FlowHeader) -> socket.socket:
         """The egress PoP's side of a backbone flow: check ownership (R13), then connect."""
         self._check_backbone_source(header)
@@ -412,6 +496,9 @@ class PopRuntime:
             raise UpstreamError(
                 f"egress PoP {self.code} refused flow {header.flow_id}: {header.source_address} is not an "
                 f"active dedicated address of account {header.account!r} at this PoP", status=502, socks_reply=0x02)
+
+
+_ANY_V4: Final = ipaddress.IPv4Address(0)
 
 
 def _is_literal(host: str, addresses: tuple[IPAddress, ...]) -> bool:
@@ -461,6 +548,10 @@ class InProcessLink:
         pop = await self._reach(egress_pop)
         return await pop.egress_udp(header)
 
+    async def open_tunnel(self, pop: str, connector: str, flow: TunnelFlow) -> socket.socket:
+        runtime = await self._reach(pop)
+        return await runtime.egress_tunnel(connector, flow)
+
 
 class NoBackbone:
     """A PoP without backbone links: flows that must egress elsewhere fail clearly."""
@@ -470,3 +561,7 @@ class NoBackbone:
 
     async def open_udp(self, egress_pop: str, header: FlowHeader) -> socket.socket:
         raise UpstreamError(f"no backbone link to egress PoP {egress_pop}", status=502, socks_reply=0x03)
+
+    async def open_tunnel(self, pop: str, connector: str, flow: TunnelFlow) -> socket.socket:
+        raise UpstreamError(f"connector {connector!r} is not attached to PoP {pop} (no backbone)",
+                            status=502, socks_reply=0x03)
