@@ -91,6 +91,20 @@ async def enrollment_token(info: dict[str, Any], account: str, user: str) -> str
 Enroll = Callable[..., Awaitable[Path]]
 
 
+def device_id(state: Path) -> str:
+    return str(json.loads((state / "device.json").read_text())["device_id"])
+
+
+async def known_to_every_pop(serve: dict[str, Any], state: Path, within: float = 5.0) -> None:
+    """An enrolled device is a new snapshot version: wait until every PoP runs it (R14)."""
+    device = device_id(state)
+    stack: ServeStack = serve["stack"]
+    deadline = time.monotonic() + within
+    while any(device not in pop.runtime.state.snapshot.devices for pop in stack.pops.values()):
+        assert time.monotonic() < deadline, f"the PoPs did not learn of {device} in {within} s"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def enroll(serve: dict[str, Any], tmp_path: Path) -> Enroll:
     """Enroll a device of `account` with `egressd client enroll`; its state directory."""
@@ -106,6 +120,7 @@ def enroll(serve: dict[str, Any], tmp_path: Path) -> Enroll:
                            "--token", token, "--state-dir", str(state), "--serve-json",
                            str(Path(serve["flow_log"]).parent / "serve.json"), *extra)
         assert result.code == 0, result.err
+        await known_to_every_pop(serve, state)
         return state
 
     return enroll_device

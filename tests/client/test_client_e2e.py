@@ -204,3 +204,16 @@ async def test_run_with_no_reachable_pop_says_so(serve: dict[str, Any], tmp_path
     result = await cli("client", "run", "--state-dir", str(state), "--listen", "127.0.0.1:0")
     assert result.code == 3
     assert "no PoP answered: las (127.0.0.1:9): cannot connect to 127.0.0.1:9" in result.err
+
+
+async def test_a_draining_pop_hands_the_client_to_another(
+        serve: dict[str, Any], enroll: Enroll, spawn: Spawn) -> None:
+    _child, status = await start_client(spawn, await enroll("globex"))
+    first = status["connected_pop"]
+    serve["stack"].device_links[first].stop_accepting()  # new flows get 503 there
+    code, body = await curl("-x", f"http://{status['listen']}", serve["echo"]["http"])
+    assert code == 0 and body.strip() in set().union(
+        *(sources for pop, sources in GLOBEX_SOURCE.items() if pop != first)), body
+    moved = json.loads((await curl(f"http://{status['listen']}/status"))[1])
+    assert moved["connected_pop"] != first
+    assert moved["switches"][-1]["reason"] == f"{first} is draining"

@@ -160,7 +160,8 @@ class Attachment:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _failover(self, dead: str, reason: str) -> None:
+    async def _failover(self, dead: str, reason: str, why: str = "") -> None:
+        """Leave `dead` for the fastest other PoP; `why` says so in the switch log."""
         async with self._switching:
             if self.connected != dead:
                 return  # someone else moved already
@@ -175,7 +176,7 @@ class Attachment:
             if best is None:
                 log.error("PoP %s is dead (%s) and no other PoP answers; retrying", dead, reason)
                 return
-            self._attach(best, f"{dead} is unreachable ({reason})")
+            self._attach(best, why or f"{dead} is unreachable ({reason})")
 
     async def _watch(self) -> None:
         next_measure = time.monotonic() + self.remeasure
@@ -257,8 +258,11 @@ class Attachment:
                 raise NoPopReachable("not attached to any PoP (none answers)")
             try:
                 stream = await self._client(self.pops[code]).open(headers, protocol=protocol)
-            except StreamRefused:
-                raise
+            except StreamRefused as refused:
+                if refused.status != 503 or attempt == 2:
+                    raise
+                await self._failover(code, refused.reason, f"{code} is draining")  # maintenance
+                continue
             except MuxError as error:
                 if attempt == 2:
                     raise
