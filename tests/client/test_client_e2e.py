@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from egressd.mux import MuxClient, StreamRefused
+from egressd.mux import MuxClient, MuxError, StreamRefused
 from egressd.protocols.masque import PROTOCOL_TCP, basic_authorization, target_path
 
 from .conftest import Enroll, Spawn, cli, start_client
@@ -217,3 +217,34 @@ async def test_a_draining_pop_hands_the_client_to_another(
     moved = json.loads((await curl(f"http://{status['listen']}/status"))[1])
     assert moved["connected_pop"] != first
     assert moved["switches"][-1]["reason"] == f"{first} is draining"
+
+
+async def test_an_idle_flow_over_the_device_link_is_closed(tmp_path: Path) -> None:
+    """The PoP's --idle-timeout holds for device-link flows as for its other tunnels."""
+    from egressd.client.attach import client_tls_context
+    from egressd.pop.runtime import PopOptions
+    from egressd.serve import ServeSettings, ServeStack
+
+    stack = ServeStack(ServeSettings(state_dir=tmp_path / "idle", port_base=0,
+                                     options=PopOptions(idle_timeout=0.5)))
+    info = await stack.start()
+    try:
+        host, _, port = info["pops"]["las"]["device_link"].removeprefix("https://").rpartition(":")
+        echo_port = int(info["echo"]["http"].rsplit(":", 1)[1].strip("/"))
+        login = basic_authorization("globex-laptop", info["accounts"]["globex"]["password"])
+        async with MuxClient(host, int(port), client_tls_context(info["ca_cert"]),
+                             server_hostname=host) as link:
+            stream = await link.open({":path": target_path(PROTOCOL_TCP, "127.0.9.1", echo_port),
+                                      "proxy-authorization": login}, protocol=PROTOCOL_TCP)
+            started = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(5):
+                    assert await stream.read() == b""  # nothing sent: the PoP ends it
+            except MuxError:
+                pass  # reset: also an end
+            assert asyncio.get_running_loop().time() - started < 3
+            stream.release()
+        record = next(flow for flow in flows(info) if flow.get("device") == "globex-laptop")
+        assert record["closed_by"] == "idle-timeout"
+    finally:
+        await stack.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from egressd.mux.errors import MuxError, PumpError, Side
@@ -28,10 +28,12 @@ CHUNK: Final = 256 * 1024
 _T = TypeVar("_T")
 
 
-async def pump(stream: MuxStream, sock: socket.socket) -> tuple[int, int]:
+async def pump(stream: MuxStream, sock: socket.socket,
+               activity: Callable[[], None] | None = None) -> tuple[int, int]:
     """Relay until both directions have ended: (bytes stream->socket, bytes socket->stream).
 
-    Raises ``PumpError`` (with both counts so far) when either side fails.
+    Raises ``PumpError`` (with both counts so far) when either side fails. ``activity``,
+    if given, is called for every chunk either way (an idle timer's heartbeat).
     """
     loop = asyncio.get_running_loop()
     counts = [0, 0]  # to socket, to stream
@@ -40,6 +42,8 @@ async def pump(stream: MuxStream, sock: socket.socket) -> tuple[int, int]:
         while data := await _stream_side(stream.read()):
             await _socket_side(loop.sock_sendall(sock, data))
             counts[0] += len(data)
+            if activity is not None:
+                activity()
         with contextlib.suppress(OSError):  # the other end may be gone already
             sock.shutdown(socket.SHUT_WR)
 
@@ -47,6 +51,8 @@ async def pump(stream: MuxStream, sock: socket.socket) -> tuple[int, int]:
         while data := await _socket_side(loop.sock_recv(sock, CHUNK)):
             await _stream_side(stream.write(data))
             counts[1] += len(data)
+            if activity is not None:
+                activity()
         await _stream_side(stream.write_eof())
 
     reader = asyncio.ensure_future(to_socket())

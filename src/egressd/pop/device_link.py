@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Final
 
 from egressd.mux import DatagramStream, MuxServer, MuxStream, PeerIdentity, PumpError, pump
 from egressd.mux.errors import MuxError, Side
+from egressd.pop.flowlog import FlowRecord
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.udp_relay import UdpAssociation
@@ -146,12 +149,33 @@ class DeviceLinkServer:
         decision = record.decision
         egress_pop = (decision.egress_pop if decision is not None else None) or runtime.code
         runtime.active_tcp.inc()
+        timer = _IdleTimer(runtime.options.idle_timeout, runtime.options.max_lifetime)
+        relaying = asyncio.ensure_future(self._relay(stream, upstream, record, egress_pop, timer))
+        expired: str | None = None
+        try:
+            expired = await timer.watch(relaying)
+            if expired is not None:
+                stream.reset()
+        finally:
+            relaying.cancel()
+            [outcome] = await asyncio.gather(relaying, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                log.error("flow %s: relay failed: %r", record.flow_id, outcome)
+            if expired is not None:
+                record.closed_by = expired
+            upstream.close()
+            runtime.active_tcp.dec()
+            runtime.finish(record)
+
+    @staticmethod
+    async def _relay(stream: MuxStream, upstream: socket.socket, record: FlowRecord,
+                     egress_pop: str, timer: _IdleTimer) -> None:
         try:
             await stream.accept({"egressd-flow": record.flow_id,
-                                 "egressd-connected-pop": runtime.code,
+                                 "egressd-connected-pop": record.connected_pop,
                                  "egressd-egress-pop": egress_pop,
                                  "egressd-local": record.local_address or ""})
-            record.bytes_up, record.bytes_down = await pump(stream, upstream)
+            record.bytes_up, record.bytes_down = await pump(stream, upstream, timer.touch)
             record.closed_by = "client"
         except PumpError as error:
             record.bytes_up, record.bytes_down = error.to_socket, error.to_stream
@@ -159,10 +183,6 @@ class DeviceLinkServer:
             record.error = str(error)
         except MuxError as error:
             record.closed_by, record.error = "client", str(error)
-        finally:
-            upstream.close()
-            runtime.active_tcp.dec()
-            runtime.finish(record)
 
     async def _udp(self, stream: MuxStream, peer: tuple[str, int], identity: Identity,
                    host: str, port: int) -> None:
@@ -204,6 +224,32 @@ class DeviceLinkServer:
             while True:
                 payload = await datagrams.recv()
                 association.from_client(build_udp_datagram(host, port, payload), peer)
+
+
+class _IdleTimer:
+    """The device-link flow's idle timeout and lifetime limit (`--idle-timeout`,
+    `--max-lifetime`), as for tunnels of the other listeners."""
+
+    def __init__(self, idle: float, lifetime: float | None) -> None:
+        self.idle = idle
+        self.lifetime = lifetime
+        self.started = self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    async def watch(self, relaying: asyncio.Future[None]) -> str | None:
+        """Wait for the relay; "idle-timeout" or "lifetime" if it had to be cut short."""
+        while not relaying.done():
+            now = time.monotonic()
+            if now - self.last > self.idle:
+                return "idle-timeout"
+            if self.lifetime is not None and now - self.started > self.lifetime:
+                return "lifetime"
+            wake = min(self.idle - (now - self.last),
+                       self.lifetime - (now - self.started) if self.lifetime is not None else 5.0, 5.0)
+            await asyncio.wait({relaying}, timeout=max(0.05, wake))
+        return None
 
 
 class _StreamCarrier:
