@@ -342,6 +342,12 @@ def try_it(info: dict[str, Any]) -> list[str]:
         f"# every flow, one JSON line each: tail -f {info['flow_log']}",
         f"# PoP health and metrics: curl {las['health']}   curl {plain}/metrics",
         f"# the dashboard: {control['url']}/ (sign in with the token in {control['admin_token']})",
+        "# the device client (docs/client.md): enroll with a token from "
+        f"`egressd device enroll acme alice --control {control['url']} --token-file "
+        f"{control['admin_token']}`, then",
+        f"#   egressd client enroll --control {control['url']} --token TOKEN --serve-json "
+        f"{Path(info['flow_log']).parent / 'serve.json'}",
+        "#   egressd client run    (proxy on 127.0.0.1:40000)    egressd verify --family 4",
         "# the control plane (API token in admin.token; every change is in force within 2 s):",
         f"egressd settings network acme --udp off --control {control['url']} "
         f"--token-file {control['admin_token']}",
