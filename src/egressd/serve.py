@@ -49,6 +49,7 @@ from egressd.pop.metrics import PopMetrics
 from egressd.pop.resolver import Resolver
 from egressd.pop.runtime import InProcessBackbone, PopOptions, PopRuntime, StateHolder
 from egressd.pop.server import PopServer, drain_all, server_tls_context
+from egressd.pop.tunnel_link import TunnelServer
 
 FIBRE_KM_PER_MS = 200.0  # light in fibre, one way
 ROUTE_STRETCH = 1.5  # fibre paths are longer than great circles
@@ -121,6 +122,7 @@ class ServeStack:
         self.echo = EchoServer()
         self.pops: dict[str, PopServer] = {}
         self.device_links: dict[str, DeviceLinkServer] = {}
+        self.tunnel_servers: dict[str, TunnelServer] = {}
         self.backbone = InProcessBackbone()
         self.flowlog: FlowLog | None = None
         self.info: dict[str, Any] = {}
@@ -209,11 +211,17 @@ class ServeStack:
                                         _port(settings.port_base, index * 10 + 2))
                 await link.start()
                 self.device_links[code] = link
+                tunnels = TunnelServer(runtime, device_tls, settings.host,
+                                       _port(settings.port_base, index * 10 + 3))
+                await tunnels.start()
+                self.tunnel_servers[code] = tunnels
                 watcher.start(holder)
         except BaseException:
             await self.close()
             raise
-        self.reporter = HealthReporter(self.control.url, pop_token, holders, interval=1.0)
+        self.reporter = HealthReporter(
+            self.control.url, pop_token, holders, interval=1.0,
+            tunnels={code: server.status for code, server in self.tunnel_servers.items()})
         await self.reporter.report_once()  # the dashboard has RTTs from the start
         self.reporter.start()
         await self._confirmed(snapshot.version)
@@ -257,6 +265,7 @@ class ServeStack:
                 "https_proxy": f"https://{tls[0]}:{tls[1]}",
                 "socks5": f"socks5://{plain[0]}:{plain[1]}",
                 "device_link": self.device_links[code].url,
+                "tunnel": "{}:{}".format(*self.tunnel_servers[code].address),
                 "shared_ipv4": [str(address) for address in dc.shared_ipv4],
                 "health": f"http://{plain[0]}:{plain[1]}/health",
             }
@@ -305,6 +314,9 @@ class ServeStack:
         for link in self.device_links.values():
             await link.close()
         self.device_links.clear()
+        for tunnels in self.tunnel_servers.values():
+            await tunnels.close()
+        self.tunnel_servers.clear()
         if self.control is not None:
             await self.control.stop()
             self.control = None
