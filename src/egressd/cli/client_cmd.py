@@ -374,7 +374,7 @@ def verify(
               f"{enrollment.device_id}, via {'PoP ' + pop if pop else 'the client'}")
         for result in results:
             if result.source is None:
-                print(f"IPv{result.family}  no path")
+                print(f"IPv{result.family}  connected {result.connected_pop or '?'}  no path")
                 continue
             print(f"IPv{result.family}  connected {result.connected_pop or '?'}  egress "
                   f"{result.egress_pop or '?'}  source {result.source}  "
