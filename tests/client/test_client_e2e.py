@@ -248,3 +248,18 @@ async def test_an_idle_flow_over_the_device_link_is_closed(tmp_path: Path) -> No
         assert record["closed_by"] == "idle-timeout"
     finally:
         await stack.close()
+
+
+async def test_debug_logs_hold_no_secret(serve: dict[str, Any], enroll: Enroll, spawn: Spawn) -> None:
+    """hpack logs decoded headers at DEBUG: the device link's credential must not reach them."""
+    import base64
+
+    state = await enroll("acme")
+    child, status = await start_client(spawn, state, "--log-level", "debug")
+    assert await curl("-x", f"http://{status['listen']}", serve["echo"]["http"]) == (
+        0, f"{ACME_SOURCE[status['connected_pop']]}\n")
+    device = json.loads((state / "device.json").read_text())
+    login = base64.b64encode(f"{device['device_id']}:{device['secret']}".encode()).decode()
+    logs = child.stderr()
+    assert "attached to" in logs
+    assert device["secret"] not in logs and login not in logs

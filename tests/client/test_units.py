@@ -137,3 +137,31 @@ def test_the_client_moves_only_to_a_clearly_faster_pop() -> None:
     assert not should_move(50.0, 40.0)  # not 30 % faster
     assert not should_move(2.0, 0.5)  # 75 % faster but not 2 ms: loopback noise
     assert not should_move(10.0, 10.0)
+
+
+def test_debug_logging_keeps_hpack_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    """hpack logs every header at DEBUG, a device link's proxy-authorization among them."""
+    import logging
+
+    import hpack
+
+    from egressd.cli.runner import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        setup_logging("debug")
+        header = basic_authorization("dev", "s3cret")
+        hpack.Decoder().decode(hpack.Encoder().encode([("proxy-authorization", header)]))
+        logging.getLogger("egressd.test").debug("debug is on")
+        err = capsys.readouterr().err
+        assert "debug is on" in err and header not in err and header.split()[1] not in err
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("hpack").setLevel(logging.NOTSET)

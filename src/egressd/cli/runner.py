@@ -13,6 +13,9 @@ from typing import Any
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # hpack logs every header it encodes or decodes at DEBUG: a device link's
+    # proxy-authorization (the device secret) among them. Never below INFO.
+    logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
