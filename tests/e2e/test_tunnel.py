@@ -25,7 +25,15 @@ from egressd.pki import ensure_ca, ensure_server_cert
 from egressd.pop.identity import hash_secret
 from egressd.protocols.tunnel import token_digest
 
-from .helpers import basic, close_writer, read_response, settle, tcp_server, wait_flow
+from .helpers import (
+    basic,
+    close_writer,
+    read_response,
+    settle,
+    socks5_udp,
+    tcp_server,
+    wait_flow,
+)
 from .processes import EgressdProcess, Start, wait_healthy
 from .test_backbone import CITIES, free_port
 
@@ -274,3 +282,22 @@ async def test_wrong_token_and_overlapping_routes_are_refused(
         status, reason, _ = await through(world.listen["las"], "acme-laptop",
                                           f"{theirs[0]}:{theirs[1]}")
         assert status == 403 and "private route of another account" in reason, reason
+    # Connectors carry TCP only: a datagram to acme's route is never sent from the PoP.
+    received: list[bytes] = []
+
+    class Sink(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            received.append(data)
+
+    loop = asyncio.get_running_loop()
+    sink, _ = await loop.create_datagram_endpoint(Sink, local_addr=(ORIGIN, 0))
+    try:
+        target = sink.get_extra_info("sockname")[1]
+        async with socks5_udp(world.listen["las"], ("acme-laptop", SECRET)) as udp:
+            udp.send(ORIGIN, target, b"private?")
+            await asyncio.sleep(0.5)
+        assert received == []
+        flow = await wait_flow(world.flows("las"), lambda f: f["protocol"] == "udp")
+        assert flow["route"] == "office" and "UDP is not carried" in flow["error"], flow
+    finally:
+        sink.close()

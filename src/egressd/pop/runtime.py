@@ -410,12 +410,10 @@ class PopRuntime:
                            record: FlowRecord) -> socket.socket:
         source = decision.source_address
         assert source is not None
-        if decision.path is Path.PRIVATE_ROUTE and decision.via is not None and decision.route:
-            route = next((r for r in self.state.snapshot.routes
-                          if r.id == decision.route and r.account == record.account), None)
-            if route is not None and route.kind.value == "tunnel":
-                flow = TunnelFlow(record.flow_id, record.account or "", str(address), port)
-                return await self._open_tunnel(route.id, route.via, flow)
+        connector = self.tunnel_route(decision, record.account)
+        if connector is not None and decision.route is not None:
+            flow = TunnelFlow(record.flow_id, record.account or "", str(address), port)
+            return await self._open_tunnel(decision.route, connector, flow)
         if decision.egress_pop not in (None, self.code):
             header = FlowHeader(flow_id=record.flow_id, account=record.account or "",
                                 source_address=source, destination=address, port=port,
@@ -439,14 +437,26 @@ class PopRuntime:
                 raise UpstreamError(f"in-network origin {address}: {exc.strerror}") from exc
         return sock
 
+    def tunnel_route(self, decision: Decision, account: str | None) -> str | None:
+        """The connector of a decision's private route, when it is a tunnel route."""
+        if decision.path is not Path.PRIVATE_ROUTE or decision.route is None:
+            return None
+        route = next((r for r in self.state.snapshot.routes
+                      if r.id == decision.route and r.account == account), None)
+        return route.via if route is not None and route.kind.value == "tunnel" else None
+
     async def _open_tunnel(self, route: str, connector: str, flow: TunnelFlow) -> socket.socket:
         """R4: to the connector, attached here or (over the backbone) to the nearest PoP
         that has it; the connector connects from its own host."""
         errors: list[str] = []
         tunnels = self.tunnels
         if tunnels is not None and tunnels.attached(connector, flow.host):
-            try:
-                return await tunnels.open_tcp(connector, flow)
+            try:  # a frozen connector must not hold the flow longer than a connect would
+                async with asyncio.timeout(self.options.connect_timeout):
+                    return await tunnels.open_tcp(connector, flow)
+            except TimeoutError:
+                errors.append(f"connector {connector} did not answer within "
+                              f"{self.options.connect_timeout:g} s")
             except UpstreamError as error:
                 errors.append(error.reason)
         view = self.state.view

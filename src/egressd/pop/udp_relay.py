@@ -166,6 +166,14 @@ class UdpAssociation:
         if decision is None or decision.refused or decision.source_address is None:
             self.dropped += 1
             return
+        if self.runtime.tunnel_route(decision, self.identity.account) is not None:
+            # Connectors carry TCP only: never send a tunnel route's datagrams from the PoP.
+            if record.outcome == "ok":
+                record.outcome = "upstream-error"
+                record.error = (f"private route {decision.route}: UDP is not carried through "
+                                "tunnel connectors")
+            self.dropped += 1
+            return
         upstream_key = (decision.egress_pop, decision.source_address)
         upstream = self.upstreams.get(upstream_key)
         if upstream is None:
