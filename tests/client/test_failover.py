@@ -121,3 +121,36 @@ async def _status_page(listen: str) -> str:
     code, body = await curl(f"http://{listen}/status")
     assert code == 0, body
     return body
+
+
+async def test_device_links_on_a_pop_with_several_workers(
+        serve: dict[str, Any], spawn: Spawn, tmp_path: Path) -> None:
+    """Every worker of `egressd pop --workers 2` serves the device-link port (SO_REUSEPORT)."""
+    state_dir = Path(serve["flow_log"]).parent
+    plain_hold, device_hold = reserve_port(), reserve_port()
+    plain, device = plain_hold.getsockname()[1], device_hold.getsockname()[1]
+    pop = await spawn("pop", "--control", serve["control"]["url"], "--control-token-file",
+                      str(state_dir / "pop.token"), "--state-dir", str(tmp_path / "pop"),
+                      "--pop", "las", "--listen", f"127.0.0.1:{plain}", "--device-listen",
+                      f"127.0.0.1:{device}", "--cert", str(state_dir / "pki" / "pop.crt"),
+                      "--key", str(state_dir / "pki" / "pop.key"), "--flow-log", "off",
+                      "--workers", "2", "--log-level", "warning")
+    await listening(device)
+    plain_hold.close()
+    device_hold.close()
+    token = await enrollment_token(serve, "globex", "carol")
+    client_state = tmp_path / "client"
+    enrolled = await cli("client", "enroll", "--control", serve["control"]["url"], "--token", token,
+                         "--state-dir", str(client_state), "--ca", serve["ca_cert"],
+                         f"--pop=las=127.0.0.1:{device}")
+    assert enrolled.code == 0, enrolled.err
+    _child, status = await start_client(spawn, client_state)
+    deadline = time.monotonic() + 5  # the workers learn of the new device (R14)
+    while True:
+        code, body = await curl("-x", f"http://{status['listen']}", serve["echo"]["http"])
+        if body.strip() in GLOBEX_SOURCE["las"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert code == 0 and body.strip() in GLOBEX_SOURCE["las"], body + pop.stderr()
+    assert pop.process.returncode is None, pop.stderr()
+    assert "cannot listen" not in pop.stderr(), pop.stderr()

@@ -425,7 +425,8 @@ async def _serve_pop(
     if device_listen is not None and cert is not None and key is not None:
         from egressd.pop.device_link import DeviceLinkServer, device_tls_context
 
-        device_link = DeviceLinkServer(runtime, device_tls_context(cert, key), *device_listen)
+        device_link = DeviceLinkServer(runtime, device_tls_context(cert, key), *device_listen,
+                                       reuse_port=reuse_port)
     tunnels = None
     if tunnel_listen is not None:
         from egressd.pop.device_link import device_tls_context

@@ -40,11 +40,13 @@ class MuxServer:
         port: int = 0,
         settings: LinkSettings | None = None,
         handshake_timeout: float = 10.0,
+        reuse_port: bool = False,
     ) -> None:
         self._ssl_context = ssl_context
         self._handler = handler
         self._settings = settings
         self._handshake_timeout = handshake_timeout
+        self._reuse_port = reuse_port  # worker processes sharing one port (SO_REUSEPORT)
         self.address: tuple[str, int] = (host, port)
         #: TLS connections that completed the handshake, since ``start``.
         self.connections_accepted = 0
@@ -72,6 +74,7 @@ class MuxServer:
             ssl=self._ssl_context,
             ssl_handshake_timeout=self._handshake_timeout,
             backlog=1024,
+            reuse_port=self._reuse_port or None,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = (host, port)

@@ -60,10 +60,12 @@ def device_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 class DeviceLinkServer:
     """Serves device links for one PoP runtime on ``host``:``port`` (0: any free port)."""
 
-    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int) -> None:
+    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int, *,
+                 reuse_port: bool = False) -> None:
         self.runtime = runtime
         self.server = MuxServer(context, self._handle, host=host, port=port,
-                                handshake_timeout=runtime.options.handshake_timeout)
+                                handshake_timeout=runtime.options.handshake_timeout,
+                                reuse_port=reuse_port)
 
     @property
     def address(self) -> tuple[str, int]:
