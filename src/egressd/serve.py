@@ -221,7 +221,7 @@ class ServeStack:
             raise
         self.reporter = HealthReporter(
             self.control.url, pop_token, holders, interval=1.0,
-            tunnels={code: server.status for code, server in self.tunnel_servers.items()})
+            tunnels={code: server.report for code, server in self.tunnel_servers.items()})
         await self.reporter.report_once()  # the dashboard has RTTs from the start
         self.reporter.start()
         await self._confirmed(snapshot.version)

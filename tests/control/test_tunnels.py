@@ -77,6 +77,17 @@ def test_status_comes_from_the_pops_reports(world: Api) -> None:
     assert [item["pop"] for item in shown["attached"]] == ["las"]
     assert shown["attached"][0]["peer"] == "192.0.2.7:40000"
     assert shown["announced"] == ["10.20.0.0/16"]
+    # The connector's own view: the PoPs with a tunnel listener, by its token.
+    token = api.post(f"{T}/office-1/token").json()["token"]
+    listen = {**report, "tunnels": [], "tunnel_listen": "las@192.0.2.10:7444"}
+    assert api.put("/v1/pops/las/health", listen, token=pop).status_code == 204
+    listed = api.client.get("/v1/tunnel/pops", headers={"Authorization": f"Bearer {token}"})
+    assert listed.status_code == 200, listed.text
+    assert listed.json() == [{"pop": "las", "address": "las@192.0.2.10:7444"}]
+    for header in ({}, {"Authorization": f"Bearer {token[:-1]}x"}, {"Authorization": "Bearer x"},
+                   {"Authorization": f"Bearer {api.admin}"}):
+        problem(api.client.get("/v1/tunnel/pops", headers=header), 401)
+    problem(api.put("/v1/pops/las/health", {**listen, "tunnel_listen": "no port"}, token=pop), 422)
     # A malformed report is refused, not stored.
     bad = {**report, "tunnels": [{"connector": "Not Valid", "account": "acme", "peer": "x",
                                   "since": 0, "routes": []}]}

@@ -1,6 +1,6 @@
 """A tunnel connector made through the control plane and attached to `egressd serve`'s
 PoPs (issue 6 item 1 of the tunnel half): the token from the API works at the PoPs once
-the snapshot arrives, the connector's status (attached PoPs, routes) shows in the API,
+the snapshot arrives, the connector finds the PoPs through the control plane, its status (attached PoPs, routes) shows in the API,
 acme's flows reach the private origin from the connector's host (R4, even though acme has
 dedicated egress), globex is refused (R13), and a re-issued token drops the old links."""
 
@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from egressd.connector import ConnectorAgent, ConnectorSettings, parse_pop
+from egressd.connector import ConnectorAgent, ConnectorSettings
 
-from .helpers import curl, settle, tcp_server
+from .helpers import curl, host_port, settle, tcp_server
 from .test_serve_control import admin
 
 
@@ -43,13 +43,15 @@ async def test_a_connector_from_the_api_carries_acme_to_its_private_network(
         created = await api.post("/v1/accounts/acme/tunnels", json={"id": "office-1"})
         assert created.status_code == 201, created.text
         token = created.json()["token"]
-        pops = tuple(parse_pop(entry["tunnel"]) for entry in serve["pops"].values())
-        agent = ConnectorAgent(ConnectorSettings(token=token, pops=pops,
-                                                 ca=Path(serve["ca_cert"])))
+        # The connector learns the PoPs from the control plane (its token authenticates).
+        agent = ConnectorAgent(ConnectorSettings(token=token, pops=(), ca=Path(serve["ca_cert"]),
+                                                 control=serve["control"]["url"]))
         running = asyncio.create_task(agent.run())
         try:
             # The PoPs accept it once the new snapshot (with its digest) has arrived.
             assert await settle(lambda: len(agent.attached) == 2, 15.0), agent.attached
+            assert {(pop.host, pop.port) for pop in await agent.listed()} == {
+                host_port(entry["tunnel"]) for entry in serve["pops"].values()}
             async with tcp_server("127.0.50.7", tell_source) as origin:
                 url = f"http://{origin[0]}:{origin[1]}/"
                 for code in serve["pops"]:

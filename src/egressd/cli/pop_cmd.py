@@ -70,6 +70,7 @@ def pop(
     https_listen: list[str] = typer.Option([], "--https-listen", help="HOST:PORT for the HTTPS proxy (TLS). Repeatable."),
     device_listen: str | None = typer.Option(None, "--device-listen", help="HOST:PORT for device links (TLS 1.3 + HTTP/2 extended CONNECT, one connection per device; `egressd client run`). Needs --cert and --key."),
     tunnel_listen: str | None = typer.Option(None, "--tunnel-listen", help="HOST:PORT where tunnel connectors (egressd tunnel run) attach: TLS with --cert/--key, else the --pki certificate of this PoP."),
+    tunnel_advertise: str | None = typer.Option(None, "--tunnel-advertise", help="[NAME@]HOST:PORT that connectors using the control plane's PoP list dial (NAME: what the certificate names). Default: the --tunnel-listen address, named by this PoP's code with --pki."),
     cert: Path | None = typer.Option(None, "--cert", help="Certificate (PEM) for --https-listen and --device-listen."),
     key: Path | None = typer.Option(None, "--key", help="Private key (PEM) for --https-listen."),
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="Processes sharing the listeners (SO_REUSEPORT)."),
@@ -119,6 +120,9 @@ def pop(
     if tunnel_listen and (cert is None or key is None) and pki is None:
         raise typer.BadParameter("--tunnel-listen needs --cert and --key, or --pki", param_hint="--tunnel-listen")
     tunnel_at = _host_port(tunnel_listen, "--tunnel-listen") if tunnel_listen else None
+    if tunnel_at is not None and tunnel_advertise is None and cert is None and pki is not None \
+            and tunnel_at[0] not in ("0.0.0.0", "::", ""):
+        tunnel_advertise = f"{code}@{tunnel_listen}"  # its pki certificate names the code
     if tunnel_listen and workers > 1:
         raise typer.BadParameter("connectors attach to one process: use --workers 1 with "
                                  "--tunnel-listen", param_hint="--workers")
@@ -159,7 +163,7 @@ def pop(
                                connect_timeout, handshake_timeout, idle_timeout, max_lifetime or None,
                                grace, workers > 1, limits, backbone_spec,
                                (max_request_line, max_header_bytes, max_header_fields), device,
-                               tunnel_at))
+                               (tunnel_at, tunnel_advertise) if tunnel_at else None))
 
     if workers == 1:
         child()
@@ -331,7 +335,7 @@ async def _serve_pop(
     backbone_spec: tuple[Path | None, int, tuple[str, int] | None] = (None, 7443, None),
     head_limits: tuple[int, int, int] = (8192, 65536, 100),
     device_listen: tuple[str, int] | None = None,
-    tunnel_listen: tuple[str, int] | None = None,
+    tunnel_listen: tuple[tuple[str, int], str | None] | None = None,
 ) -> None:
     from egressd.decide import HealthView
     from egressd.model.deployment import DeploymentError, load_deployment
@@ -436,7 +440,8 @@ async def _serve_pop(
         tunnel_cert, tunnel_key = (cert, key) if cert and key else (
             (pki / f"pop-{code}.crt", pki / f"pop-{code}.key") if pki else (None, None))
         assert tunnel_cert is not None and tunnel_key is not None  # checked with the options
-        tunnels = TunnelServer(runtime, device_tls_context(tunnel_cert, tunnel_key), *tunnel_listen)
+        tunnels = TunnelServer(runtime, device_tls_context(tunnel_cert, tunnel_key),
+                               *tunnel_listen[0], advertise=tunnel_listen[1])
     try:
         await server.start()
         if device_link is not None:
@@ -480,7 +485,7 @@ async def _serve_pop(
 
         reporter = HealthReporter(source.url, source.token, {code: state},
                                   verify=watcher.verify,
-                                  tunnels={code: tunnels.status} if tunnels else None)
+                                  tunnels={code: tunnels.report} if tunnels else None)
         reporter.start()
 
     reason = await stopped

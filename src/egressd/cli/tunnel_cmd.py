@@ -100,12 +100,20 @@ def tunnel_delete(api: Api, account_id: AccountArg, tunnel_id: TunnelArg) -> Non
 
 @tunnel.command("run")
 def tunnel_run(
-    pops: Annotated[list[str], typer.Option(
-        "--pop", metavar="[NAME@]HOST:PORT", show_default=False,
-        help="A PoP's tunnel listener (egressd pop --tunnel-listen); repeat. NAME is what "
-             "its certificate names (default HOST). The two nearest by RTT are used.")],
     ca: Annotated[Path, typer.Option("--ca", exists=True, dir_okay=False, show_default=False,
                                      help="CA bundle (PEM) that issued the PoPs' certificates.")],
+    pops: Annotated[list[str] | None, typer.Option(
+        "--pop", metavar="[NAME@]HOST:PORT", show_default=False,
+        help="A PoP's tunnel listener (egressd pop --tunnel-listen); repeat. NAME is what "
+             "its certificate names (default HOST). The two nearest by RTT are used.")] = None,
+    control: Annotated[str | None, typer.Option(
+        "--control", metavar="URL", show_default=False,
+        help="Control plane URL: the PoPs with a tunnel listener are listed there (the "
+             "connector's token authenticates; a PoP's certificate must name its code). "
+             "With --pop, both are used.")] = None,
+    control_ca: Annotated[Path | None, typer.Option(
+        "--control-ca", exists=True, dir_okay=False, show_default=False,
+        help="CA bundle to verify an https:// --control with, instead of the system's.")] = None,
     token: Annotated[str | None, typer.Option(
         "--token", show_default=False,
         help=f"The connector's token (prefer --token-file or ${TOKEN_ENV}: a flag shows in ps).")] = None,
@@ -130,12 +138,15 @@ def tunnel_run(
     secret = _token(token, token_file)
     if connector_of(secret) is None:
         usage_error("that is not a connector token (egdt.<id>.<secret>; egressd tunnel create)")
+    if not pops and not control:
+        usage_error("give the PoPs: --pop HOST:PORT (repeat) or --control URL")
     try:
-        addresses = tuple(parse_pop(item) for item in pops)
+        addresses = tuple(parse_pop(item) for item in pops or [])
         announced = parse_routes(",".join(routes or []))
     except ValueError as error:
         usage_error(str(error))
-    settings = ConnectorSettings(token=secret, pops=addresses, ca=ca, routes=announced, links=links)
+    settings = ConnectorSettings(token=secret, pops=addresses, ca=ca, routes=announced, links=links,
+                                 control=control, control_ca=control_ca)
 
     async def main() -> None:
         agent = ConnectorAgent(settings)

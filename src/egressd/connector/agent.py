@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import time
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+import httpx
 
 from egressd.mux import MuxError, MuxStream, pump
 from egressd.mux.reverse import ServedLink, dial_reverse
@@ -50,6 +53,7 @@ log = logging.getLogger("egressd.connector")
 PING_EVERY: Final = 2.0
 PING_WAIT: Final = 3.0
 STABLE_AFTER: Final = 10.0  # a link that lived this long resets its PoP's backoff
+LIST_EVERY: Final = 10.0  # seconds between PoP lists from the control plane
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,8 @@ class ConnectorSettings:
     connect_timeout: float = 10.0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
+    control: str | None = None  # control plane URL: the PoP list comes from there too
+    control_ca: Path | None = None
 
 
 @dataclass
@@ -107,8 +113,8 @@ class ConnectorAgent:
     """Runs until cancelled; ``attached`` lists the PoPs it holds links to now."""
 
     def __init__(self, settings: ConnectorSettings) -> None:
-        if not settings.pops:
-            raise ValueError("no PoP to dial (give --pop)")
+        if not settings.pops and not settings.control:
+            raise ValueError("no PoP to dial (give --pop or --control)")
         self.settings = settings
         self.context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.ca))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -117,13 +123,16 @@ class ConnectorAgent:
         self.refused = 0  # verdicts that refused us (wrong token, bad announcement)
         self._retry_at: dict[PopAddress, float] = {}
         self._backoff: dict[PopAddress, float] = {}
+        self._listed: tuple[PopAddress, ...] = ()  # from the control plane
+        self._listed_at = -math.inf
 
     @property
     def attached(self) -> list[str]:
         return sorted(str(state.pop) for state in self.links.values() if state.attached)
 
     async def run(self) -> None:
-        slots = min(self.settings.links, len(self.settings.pops))
+        slots = self.settings.links if self.settings.control else min(
+            self.settings.links, len(self.settings.pops))
         async with asyncio.TaskGroup() as group:
             for index in range(slots):
                 group.create_task(self._slot(index), name=f"connector slot {index}")
@@ -132,9 +141,42 @@ class ConnectorAgent:
 
     async def ranked(self) -> list[tuple[float, PopAddress]]:
         """Reachable PoPs by TCP connect time (best of three), fastest first."""
-        times = await asyncio.gather(*(self._rtt(pop) for pop in self.settings.pops))
-        return sorted(((rtt, pop) for rtt, pop in zip(times, self.settings.pops, strict=True)
+        pops = list(dict.fromkeys(self.settings.pops + await self.listed()))
+        times = await asyncio.gather(*(self._rtt(pop) for pop in pops))
+        return sorted(((rtt, pop) for rtt, pop in zip(times, pops, strict=True)
                        if rtt is not None), key=lambda item: (item[0], str(item[1])))
+
+    async def listed(self) -> tuple[PopAddress, ...]:
+        """The PoPs the control plane lists for this connector (refreshed at most every
+        `LIST_EVERY` seconds; the last good list while the control plane is away)."""
+        control = self.settings.control
+        if control is None or time.monotonic() - self._listed_at < LIST_EVERY:
+            return self._listed
+        self._listed_at = time.monotonic()
+        verify: ssl.SSLContext | bool = True
+        if self.settings.control_ca is not None:
+            verify = ssl.create_default_context(cafile=str(self.settings.control_ca))
+        try:
+            async with httpx.AsyncClient(timeout=5.0, verify=verify, trust_env=False) as client:
+                response = await client.get(
+                    f"{control.rstrip('/')}/v1/tunnel/pops",
+                    headers={"Authorization": f"Bearer {self.settings.token}"})
+            if response.status_code == 401:
+                log.error("connector: the control plane refused the token: %s",
+                          response.json().get("detail", "401"))
+                return self._listed
+            response.raise_for_status()
+            listed = []
+            for item in response.json():
+                listed.append(parse_pop(str(item["address"])))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            log.warning("connector: cannot list PoPs at %s: %s", control, error or type(error).__name__)
+            return self._listed
+        if tuple(listed) != self._listed:
+            log.info("connector: the control plane lists PoPs %s",
+                     ", ".join(f"{pop} ({pop.host}:{pop.port})" for pop in listed) or "none")
+        self._listed = tuple(listed)
+        return self._listed
 
     async def _rtt(self, pop: PopAddress) -> float | None:
         best: float | None = None

@@ -499,7 +499,7 @@ class TunnelAttachmentIn(Strict):
     connector: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     account: str = Field(max_length=64)
     peer: str = Field(max_length=100)
-    since: float = Field(ge=0)
+    since: float = Field(ge=0, le=10_000_000_000)
     routes: list[Annotated[str, Field(max_length=253)]] = Field(max_length=256)
 
 
@@ -511,6 +511,10 @@ class PopViewIn(Strict):
                  Annotated[float, Field(ge=0, le=600_000)]] = Field(max_length=1000)
     tunnels: list[TunnelAttachmentIn] = Field(default=[], max_length=10_000,
                                               description="Connectors attached to this PoP")
+    tunnel_listen: str | None = Field(default=None, max_length=300,
+                                      pattern=r"^([A-Za-z0-9.-]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+                                      description="[NAME@]HOST:PORT where connectors attach "
+                                                  "(NAME: what the PoP's certificate names)")
 
 
 class PopView(PopViewIn):
@@ -534,6 +538,7 @@ def pop_view(health: dict[str, Any] | None, now: datetime) -> PopView | None:
     at = aware(datetime.fromisoformat(str(health["at"])))
     return PopView(up=list(health.get("up", [])), rtt_ms=dict(health.get("rtt_ms", {})),
                    tunnels=list(health.get("tunnels", [])),
+                   tunnel_listen=health.get("tunnel_listen"),
                    reported_at=at, seconds_since_reported=round((now - at).total_seconds(), 3))
 
 
@@ -570,6 +575,7 @@ async def report_health(
     caller.require_pop()
     health = {"up": sorted(set(body.up)), "rtt_ms": body.rtt_ms,
               "tunnels": [item.model_dump() for item in body.tunnels],
+              "tunnel_listen": body.tunnel_listen,
               "at": datetime.now(UTC).isoformat()}
     await asyncio.to_thread(ctx.publisher.record_health, pop, health)
     return Response(status_code=204)

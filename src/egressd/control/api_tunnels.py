@@ -14,21 +14,22 @@ nothing (that PoP is gone or cannot reach the control plane).
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from egressd.control.api_accounts import get_account
 from egressd.control.context import problem_if, record
-from egressd.control.deps import AccountId, Caller, Ctx
+from egressd.control.deps import AccountId, Caller, Ctx, throttled
 from egressd.control.document import aware
-from egressd.control.problems import conflict, not_found
+from egressd.control.problems import Problem, conflict, not_found
 from egressd.control.tables import PopStatusRow, PrivateRouteRow, TunnelRow
-from egressd.protocols.tunnel import new_token, token_digest
+from egressd.protocols.tunnel import connector_of, new_token, token_digest
 
 router = APIRouter(prefix="/v1", tags=["tunnels"])
 
@@ -59,6 +60,12 @@ class TunnelOut(BaseModel):
     attached: list[Attachment]
     announced: list[str] = Field(description="Routes accepted at any PoP")
     declared_routes: list[str] = Field(description="Private routes (kind tunnel) via this connector")
+
+
+class TunnelPop(BaseModel):
+    pop: str
+    address: str = Field(description="[NAME@]HOST:PORT of the PoP's tunnel listener (NAME: "
+                         "what its certificate names, else HOST)")
 
 
 class TunnelCreated(TunnelOut):
@@ -188,3 +195,30 @@ def delete_tunnel(account_id: AccountId, tunnel_id: TunnelId, ctx: Ctx, caller: 
                resource=f"accounts/{account_id}/tunnels/{tunnel_id}", account_id=account_id,
                before=before, after=None, validate=[account_id])
     return Response(status_code=204)
+
+
+@router.get("/tunnel/pops", response_model=list[TunnelPop], tags=["public"])
+def tunnel_pops(ctx: Ctx, request: Request,
+                authorization: Annotated[str | None, Header()] = None) -> list[TunnelPop]:
+    """For a connector (`egressd tunnel run --control URL`), authenticated by its own token:
+    the PoPs with a tunnel listener that reported in the last `STALE_AFTER` seconds."""
+    scheme, _, token = (authorization or "").partition(" ")
+    connector = connector_of(token.strip()) if scheme.lower() == "bearer" else None
+    with throttled(request, counts=authorization is not None), ctx.read() as session:
+        row = session.get(TunnelRow, connector) if connector else None
+        digest = token_digest(token.strip())
+        if row is None or not hmac.compare_digest(row.token_sha256, digest):
+            raise Problem(401, "Unauthorized", "unknown connector or wrong token "
+                          "(Authorization: Bearer <connector token>)", kind="unauthorized")
+    now = datetime.now(UTC)
+    found = []
+    for status in ctx.publisher.pop_statuses():
+        health = status.health or {}
+        address = health.get("tunnel_listen")
+        try:
+            fresh = (now - aware(datetime.fromisoformat(str(health.get("at"))))).total_seconds()
+        except ValueError:
+            continue
+        if address and fresh <= STALE_AFTER:
+            found.append(TunnelPop(pop=status.pop, address=str(address)))
+    return found

@@ -33,7 +33,7 @@ def view_of(code: str, holder: StateHolder) -> dict[str, Any]:
 class HealthReporter:
     def __init__(self, control_url: str, token: str, holders: Mapping[str, StateHolder], *,
                  interval: float = INTERVAL, verify: ssl.SSLContext | bool = True,
-                 tunnels: Mapping[str, Callable[[], list[dict[str, Any]]]] | None = None) -> None:
+                 tunnels: Mapping[str, Callable[[], dict[str, Any]]] | None = None) -> None:
         self._base = control_url.rstrip("/")
         self._holders = dict(holders)
         self._tunnels = dict(tunnels or {})  # per PoP: the connectors attached to it now
@@ -54,8 +54,8 @@ class HealthReporter:
     async def report_once(self) -> None:
         for code, holder in self._holders.items():
             view = view_of(code, holder)
-            if code in self._tunnels:
-                view["tunnels"] = self._tunnels[code]()
+            if code in self._tunnels:  # attached connectors, where they attach
+                view.update(self._tunnels[code]())
             response = await self._client.put(f"{self._base}/v1/pops/{code}/health", json=view)
             response.raise_for_status()
 

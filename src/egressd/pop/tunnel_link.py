@@ -92,8 +92,10 @@ class Attachment:
 class TunnelServer:
     """Connector links for one PoP runtime on ``host``:``port`` (0: any free port)."""
 
-    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int) -> None:
+    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int, *,
+                 advertise: str | None = None) -> None:
         self.runtime = runtime
+        self._advertise = advertise
         self.listener = ReverseListener(context, self._link_opened, host=host, port=port,
                                         handshake_timeout=runtime.options.handshake_timeout)
         self.attachments: dict[str, list[Attachment]] = {}
@@ -115,6 +117,21 @@ class TunnelServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.listener.close()
+
+    @property
+    def advertised(self) -> str | None:
+        """Where connectors can attach, ``[NAME@]HOST:PORT`` (for the control plane's PoP
+        list): as configured, else the listening address unless it is a wildcard."""
+        if self._advertise is not None:
+            return self._advertise
+        host, port = self.address
+        if ipaddress.ip_address(host).is_unspecified:
+            return None
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def report(self) -> dict[str, Any]:
+        """What the health report carries about connectors."""
+        return {"tunnels": self.status(), "tunnel_listen": self.advertised}
 
     def status(self) -> list[dict[str, Any]]:
         """Who is attached here, for /health and the control plane."""
