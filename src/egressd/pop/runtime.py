@@ -199,6 +199,7 @@ class PopRuntime:
         self.pipes = PipePool()
         self.draining = False
         self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
+        self._tunnel_hints: dict[str, str] = {}  # connector -> peer PoP that last had it
         # Metric children per label tuple: `labels()` costs microseconds per call.
         self._flow_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._connect_histograms: dict[str, Histogram] = {}
@@ -460,12 +461,17 @@ class PopRuntime:
             except UpstreamError as error:
                 errors.append(error.reason)
         view = self.state.view
+        hint = self._tunnel_hints.get(connector)  # the PoP that carried its last flow
         peers = sorted((pop for pop in view.up if pop != self.code),
-                       key=lambda pop: (view.rtt(self.code, pop), pop))
+                       key=lambda pop: (pop != hint, view.rtt(self.code, pop), pop))
         for pop in peers:
             try:
                 async with asyncio.timeout(self.options.connect_timeout):
-                    return await self.backbone.open_tunnel(pop, connector, flow)
+                    sock = await self.backbone.open_tunnel(pop, connector, flow)
+                if len(self._tunnel_hints) >= _MAX_CACHED_CHILDREN:
+                    self._tunnel_hints.clear()
+                self._tunnel_hints[connector] = pop
+                return sock
             except TimeoutError:
                 errors.append(f"PoP {pop} did not answer within {self.options.connect_timeout:g} s")
             except UpstreamError as error:
