@@ -148,8 +148,12 @@ def tunnel_run(
     settings = ConnectorSettings(token=secret, pops=addresses, ca=ca, routes=announced, links=links,
                                  control=control, control_ca=control_ca)
 
-    async def main() -> None:
+    try:
         agent = ConnectorAgent(settings)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        usage_error(f"--ca {ca}: {error}")
+
+    async def main() -> None:
         stop = asyncio.ensure_future(SignalWaiter().wait())
         running = asyncio.ensure_future(agent.run())
         await asyncio.wait({stop, running}, return_when=asyncio.FIRST_COMPLETED)

@@ -124,6 +124,7 @@ class ConnectorAgent:
         self._retry_at: dict[PopAddress, float] = {}
         self._backoff: dict[PopAddress, float] = {}
         self._listed: tuple[PopAddress, ...] = ()  # from the control plane
+        self._stranded = False  # said once that no PoP is reachable
         self._listed_at = -math.inf
 
     @property
@@ -202,8 +203,12 @@ class ConnectorAgent:
                     log.info("connector: link %d to PoP %s (RTT %.2f ms)", index, pop, rtt * 1000)
                     break
             if choice is None:
+                if not self.links and not self._stranded:
+                    self._stranded = True
+                    log.warning("connector: no PoP reachable now; trying again")
                 await asyncio.sleep(self.settings.backoff_min)
                 continue
+            self._stranded = False
             state = self.links[choice] = LinkState(choice)
             started = time.monotonic()
             try:
@@ -293,7 +298,10 @@ class ConnectorAgent:
                 try:
                     verdict = Verdict.decode(line)
                 except ValueError as error:
-                    raise MuxError(str(error)) from None
+                    failure = MuxError(f"PoP {state.pop}: {error}")
+                    if state.verdict is not None and not state.verdict.done():
+                        state.verdict.set_exception(failure)
+                    raise failure from None
                 if state.verdict is not None and not state.verdict.done():
                     if verdict.accepted:
                         state.accepted = parse_routes(",".join(verdict.routes))
