@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -196,3 +197,41 @@ async def test_the_connector_opens_only_what_it_announced(pki: Path, tmp_path: P
         origin.close()
         await origin.wait_closed()
         await listener.close()
+
+
+async def test_flows_through_a_real_connector_leave_nothing_behind(pop: TunnelServer, pki: Path) -> None:
+    """50 flows through the PoP's side and a real connector: each is answered from the
+    connector's host; afterwards no flow task, stream or descriptor is left, and stopping
+    the connector detaches it."""
+    async def tell(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"{writer.get_extra_info('peername')[0]}\n".encode())
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    origin = await asyncio.start_server(tell, "127.0.50.7", 0)
+    port = origin.sockets[0].getsockname()[1]
+    agent = ConnectorAgent(ConnectorSettings(
+        token=TOKEN, pops=(PopAddress("127.0.0.1", pop.address[1], "tst"),), ca=pki / "ca.crt"))
+    running = asyncio.create_task(agent.run())
+    loop = asyncio.get_running_loop()
+    try:
+        assert await settle(lambda: bool(pop.attachments), 5.0)
+        baseline_fds, baseline_tasks = len(os.listdir("/proc/self/fd")), len(pop._tasks)
+        for index in range(50):
+            sock = await pop.open_tcp("acme-office", TunnelFlow(f"f{index}", "acme", "127.0.50.7", port))
+            try:
+                async with asyncio.timeout(5.0):
+                    assert await loop.sock_recv(sock, 100) == b"127.0.0.1\n"
+            finally:
+                sock.close()
+        assert await settle(lambda: len(pop._tasks) == baseline_tasks, 5.0), pop._tasks
+        link = next(iter(pop.attachments["acme-office"])).link
+        assert await settle(lambda: link.core.stream_count <= 1, 5.0)  # the hello only
+        assert await settle(lambda: len(os.listdir("/proc/self/fd")) <= baseline_fds, 5.0)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        origin.close()
+        await origin.wait_closed()
+    assert await settle(lambda: not pop.attachments, 8.0)
