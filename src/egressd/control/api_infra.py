@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from egressd.control.api_tunnels import TunnelAttachmentIn
 from egressd.control.auth import create_token
 from egressd.control.context import audit, problem_if, record
 from egressd.control.deps import MAX_INT, NAME, SLUG, Caller, Ctx
@@ -491,16 +492,6 @@ def audit_log(
         return [AuditOut(id=row.id, at=aware(row.at), actor=row.actor, action=row.action,
                          resource=row.resource, account_id=row.account_id, version=row.version,
                          before=row.before, after=row.after) for row in session.scalars(query)]
-
-
-class TunnelAttachmentIn(Strict):
-    """A tunnel connector attached to the reporting PoP, with the routes it accepted."""
-
-    connector: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    account: str = Field(max_length=64)
-    peer: str = Field(max_length=100)
-    since: float = Field(ge=0, le=10_000_000_000)
-    routes: list[Annotated[str, Field(max_length=253)]] = Field(max_length=256)
 
 
 class PopViewIn(Strict):

@@ -38,6 +38,17 @@ STALE_AFTER: Final = 15.0  # seconds; PoPs report every 2 s
 TunnelId = Annotated[str, Path(pattern=TUNNEL_ID, description="Tunnel (connector) id")]
 
 
+class TunnelAttachmentIn(BaseModel):
+    """A tunnel connector attached to a PoP, with the routes it accepted (the PoP's report)."""
+
+    model_config = ConfigDict(extra="forbid")
+    connector: str = Field(pattern=TUNNEL_ID)
+    account: str = Field(max_length=64)
+    peer: str = Field(max_length=100)
+    since: float = Field(ge=0, le=10_000_000_000)
+    routes: list[Annotated[str, Field(max_length=253)]] = Field(max_length=256)
+
+
 class TunnelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=TUNNEL_ID, description="Connector id, unique in the deployment; "
