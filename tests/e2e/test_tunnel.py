@@ -282,6 +282,15 @@ async def test_wrong_token_and_overlapping_routes_are_refused(
         status, reason, _ = await through(world.listen["las"], "acme-laptop",
                                           f"{theirs[0]}:{theirs[1]}")
         assert status == 403 and "private route of another account" in reason, reason
+    # The PoP restarts: the connector comes back on its own (backoff), routes and all.
+    las.process.send_signal(signal.SIGKILL)
+    await las.wait(10.0)
+    assert await settle(lambda: "link to PoP las lost" in good.stderr()
+                        or "link to PoP las closed" in good.stderr(), 10.0), good.stderr()
+    await world.start("las")
+    las = world.children["las"]
+    await world.wait_attached("acme-office", 1, within=20.0)
+    assert (await world.health("las"))["tunnels"][0]["routes"] == ["127.0.50.0/24"]
     # Connectors carry TCP only: a datagram to acme's route is never sent from the PoP.
     received: list[bytes] = []
 
