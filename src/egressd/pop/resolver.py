@@ -20,6 +20,7 @@ import dns.rdatatype
 
 from egressd.model.addresses import IPAddress
 from egressd.pop.dns_service import DnsService, UpstreamFailed
+from egressd.protocols.dns_wire import read_question, render
 
 
 class ResolveError(Exception):
@@ -90,17 +91,24 @@ class Resolver:
     async def _ask_service(self, service: DnsService, name: str) -> tuple[float, tuple[IPAddress, ...]]:
         """A and AAAA through the PoP's DNS service (its cache, its upstreams, its shared
         source address): (TTL, addresses)."""
+        questions = []
+        for kind in (dns.rdatatype.AAAA, dns.rdatatype.A):
+            wire = dns.message.make_query(name, kind).to_wire()
+            question = read_question(wire)
+            if question is None:
+                raise ResolveError(f"cannot resolve {name!r}: not a valid name")
+            questions.append((wire, question))
         try:
-            asked = await asyncio.gather(*(service.resolve(dns.message.make_query(name, kind))
-                                           for kind in (dns.rdatatype.AAAA, dns.rdatatype.A)))
+            answers = await asyncio.gather(*(service.resolve(question) for _, question in questions))
         except UpstreamFailed as exc:
             raise ResolveError(f"cannot resolve {name!r}: {exc}") from None
         found: list[IPAddress] = []
         ttl = float("inf")
         nxdomain = False
-        for result in asked:
-            nxdomain = nxdomain or result.response.rcode() == dns.rcode.NXDOMAIN
-            for rrset in result.response.answer:
+        for (wire, question), resolved in zip(questions, answers, strict=True):
+            response = dns.message.from_wire(render(question, wire, resolved.sections, resolved.age, 65535))
+            nxdomain = nxdomain or response.rcode() == dns.rcode.NXDOMAIN
+            for rrset in response.answer:
                 if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                     ttl = min(ttl, float(rrset.ttl))
                     found += [ipaddress.ip_address(rdata.address) for rdata in rrset]
