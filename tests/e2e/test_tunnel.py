@@ -28,6 +28,8 @@ from egressd.protocols.tunnel import token_digest
 from .helpers import (
     basic,
     close_writer,
+    curl,
+    read_flows,
     read_response,
     settle,
     socks5_udp,
@@ -94,7 +96,7 @@ plan = "enterprise"
   id = "office"
   kind = "tunnel"
   via = "acme-office"
-  destinations = ["127.0.50.0/24", "localhost"]
+  destinations = ["127.0.50.0/24", "localhost", "*.office.test"]
 
 [[accounts]]
 id = "globex"
@@ -205,6 +207,19 @@ async def tell_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     await reader.read(65536)
 
 
+def kept(path: Path, port: int) -> list[dict[str, Any]]:
+    return [flow for flow in read_flows(path) if flow["hostname"] == "localhost"
+            and flow["port"] == port]
+
+
+async def http_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.1 with keep-alive: each answer is the source address the origin saw."""
+    while await reader.readuntil(b"\r\n\r\n"):
+        body = f"{writer.get_extra_info('peername')[0]}\n".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+
 async def test_private_origin_through_the_connector(egressd_process: Start, tmp_path: Path) -> None:
     world = World(egressd_process, tmp_path)
     await world.start(*POPS)
@@ -229,6 +244,22 @@ async def test_private_origin_through_the_connector(egressd_process: Start, tmp_
         assert (status, seen) == (200, "127.0.0.1")
         flow = await wait_flow(world.flows(spare), lambda f: f["client"].endswith(f":{port}"))
         assert (flow["hostname"], flow["rule"], flow["route"]) == ("localhost", "R4", "office")
+        # A name only the private network knows is not resolved by the PoP: the connector
+        # tries (and here fails, with its own reason).
+        status, reason, _ = await through(world.listen[spare], "acme-laptop", "db.office.test:80")
+        assert status == 502 and "cannot reach db.office.test:80 from the connector" in reason, reason
+        # Absolute-form requests on one kept connection: the second one is decided without
+        # resolving the name either.
+        async with tcp_server("127.0.0.1", http_source) as web:
+            result = await curl("--proxy-user", f"acme-laptop:{SECRET}", "-x",
+                                "http://{}:{}".format(*world.listen[spare]),
+                                f"http://localhost:{web[1]}/a", f"http://localhost:{web[1]}/b",
+                                heads=False)
+            assert result.body == b"127.0.0.1\n127.0.0.1\n", result
+            assert await settle(lambda: len(kept(world.flows(spare), web[1])) == 2, 5.0)
+            first, second = kept(world.flows(spare), web[1])
+            assert first["source"] == second["source"]  # one upstream, kept
+            assert second["rule"] == "R4" and second["outcome"] == "ok"
         # Another account never reaches acme's routes (R13), with the reason.
         status, reason, _ = await through(world.listen[spare], "globex-laptop", authority)
         assert status == 403 and "private route of another account" in reason, reason

@@ -257,10 +257,13 @@ async def _forward(
         record.port = head.port
         record.decision = None
         record.local_address = kept.record_source
-        # Same account, user, destination and snapshot: the same decision as the first request.
-        addresses = await runtime.resolve(head.host, head.port)
-        record.decision = runtime.decide_for(identity, "tcp", addresses[0], head.port,
-                                             None if str(addresses[0]) == head.host else head.host)
+        # Same account, user, destination and snapshot: the same decision as the first request
+        # (a tunnel route's name is the connector's to resolve, R4).
+        record.decision = runtime.private_name_decision(identity, head.host, head.port)
+        if record.decision is None:
+            addresses = await runtime.resolve(head.host, head.port)
+            record.decision = runtime.decide_for(identity, "tcp", addresses[0], head.port,
+                                                 None if str(addresses[0]) == head.host else head.host)
     upstream = kept.sock
     head_sent = False
     try:

@@ -336,14 +336,18 @@ class PopRuntime:
         self.observe_connect(decision, time.monotonic() - started)
         return sock
 
+    def private_name_decision(self, identity: Identity, host: str, port: int) -> Decision | None:
+        """R4 for a name one of the account's tunnel routes serves (not resolved here)."""
+        flow = Flow(account=identity.account, user=identity.user, device=identity.device,
+                    connected_pop=self.code, protocol="tcp", address=_ANY_V4, port=port,
+                    hostname=host)
+        return decide_private_name(self.state.snapshot, flow)
+
     async def _private_name(self, identity: Identity, host: str, port: int,
                             record: FlowRecord) -> socket.socket | None:
         """A hostname of one of the account's tunnel routes goes to the connector unresolved
         (R4); None for every other name."""
-        flow = Flow(account=identity.account, user=identity.user, device=identity.device,
-                    connected_pop=self.code, protocol="tcp", address=_ANY_V4, port=port,
-                    hostname=host)
-        decision = decide_private_name(self.state.snapshot, flow)
+        decision = self.private_name_decision(identity, host, port)
         if decision is None or decision.route is None or decision.via is None:
             return None
         if record.admitted is None:
