@@ -283,3 +283,26 @@ def test_1000_concurrent_flows_share_one_backbone_connection(lab_name: str) -> N
     assert len(sockets.strip().splitlines()) == 1, sockets
     assert health.get("active_tunnels", 0) >= flows
     assert json.loads(out.strip().splitlines()[-1]) == {str(("198.51.100.50", "lax")): flows}, err
+
+
+def test_an_interrupted_run_puts_the_lab_back(lab_name: str) -> None:
+    """SIGTERM while the failover row has the Los Angeles PoP stopped: the run exits 130,
+    lax is started again and the deployment is what it was."""
+    lab = runner.load(lab_name)
+    before = lab.deployment_path.read_text()
+    process = subprocess.Popen([*EGRESSD, "lab", "run", "seed", "--name", lab_name],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while lab.pop_pids("lax") and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        assert not lab.pop_pids("lax"), "the failover row never stopped lax"
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "interrupted" in err, err
+    assert lab.pop_pids("lax") and lab.deployment_path.read_text() == before
+    status = json.loads(lab_cli("status", "--name", lab_name, "--json").stdout)
+    assert all(peer["up"] for pop in status["pops"].values() for peer in pop["peers"].values())

@@ -117,9 +117,13 @@ def run_command(
     try:
         runner.require_root()
         lab_ = runner.load(name)
-        result = run_scenario(scenario, lab_)
+        with runner.interrupts_as_errors():
+            result = run_scenario(scenario, lab_)
     except (LabError, OSError) as error:
         raise _fail(error) from None
+    except KeyboardInterrupt:
+        typer.echo("egressd lab: interrupted; the lab is as it was before the run", err=True)
+        raise typer.Exit(130) from None
     if as_json:
         for row in result.rows:
             typer.echo(json.dumps(row.as_dict()))

@@ -96,8 +96,9 @@ def load(name: str) -> Lab:
 
 
 @contextlib.contextmanager
-def _interrupts_as_errors() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) during `up` unwind like Ctrl-C, so the clean-up runs."""
+def interrupts_as_errors() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so the clean-up runs (`up` removes what it
+    made, `run` puts back the setting it changed and the PoP it stopped)."""
     def raise_interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
     previous = {signum: signal.signal(signum, raise_interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -120,7 +121,7 @@ def up(name: str, topology: Path) -> Lab:
     directory.chmod(0o700)
     lab = Lab(name, plan, directory)
     delay_line: subprocess.Popen[bytes] | None = None
-    with _interrupts_as_errors():
+    with interrupts_as_errors():
         try:
             (directory / "topology.toml").write_text(text, encoding="utf-8")
             lab.deployment_path.write_text(plan.deployment_text, encoding="utf-8")
