@@ -119,12 +119,14 @@ class Backbone:
         self.listen = {code: (f"{net}.10", free_port([f"{net}.10"])) for code, net in POPS.items()}
         self.children: dict[str, EgressdProcess] = {}
 
-    async def start(self, code: str) -> None:
+    async def start(self, code: str, workers: int = 1) -> None:
         host, port = self.listen[code]
         self.children[code] = await self.start_process([
             "pop", "-d", str(self.file), "--pop", code, "--listen", f"{host}:{port}",
-            "--pki", str(self.pki), "--backbone-port", str(self.port), "--flow-log", "off"])
+            "--pki", str(self.pki), "--backbone-port", str(self.port), "--flow-log", "off",
+            "--workers", str(workers)])
         await wait_healthy(self.listen[code])
+        await self.children[code].wait_ready(workers=workers)
 
     async def converged(self, within: float = 10.0) -> None:
         """Until every running PoP sees the others up (one started before its peers retries)."""
@@ -227,6 +229,25 @@ async def test_socks5_connect_to_an_address_crosses_the_backbone(egressd_process
             finally:
                 await close_writer(writer)
     assert "Traceback" not in lab.children["las"].stderr()
+
+
+async def test_the_backbone_with_several_workers(egressd_process: Start, tmp_path: Path) -> None:
+    """--workers 2 on both PoPs: each worker links to the peer and serves the backbone port;
+    every flow, whichever worker takes it at either end, leaves from acme's LA address."""
+    lab = Backbone(egressd_process, tmp_path)
+    await lab.start("las", workers=2)
+    await lab.start("lax", workers=2)
+    async with tcp_server("127.0.0.1", tell_source) as origin:
+        deadline = time.monotonic() + 10
+        while True:  # every las worker has probed lax (any one answers /health)
+            views = [(await lab.health("las"))["backbone"]["lax"]["up"] for _ in range(6)]
+            if all(views):
+                break
+            assert time.monotonic() < deadline, "the las workers do not all see lax"
+            await asyncio.sleep(0.2)
+        sources = await asyncio.gather(*(seen_source(lab.listen["las"], origin) for _ in range(40)))
+        assert set(sources) == {"127.0.2.100"}
+    assert len(lab.children["las"].workers()) == 2 and "Traceback" not in lab.children["lax"].stderr()
 
 
 async def test_udp_crosses_the_backbone(egressd_process: Start, tmp_path: Path) -> None:

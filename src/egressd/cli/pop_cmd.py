@@ -146,9 +146,6 @@ def pop(
             dns_allows.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise typer.BadParameter(f"expected a CIDR, got {item!r}", param_hint="--dns-allow") from None
-    if pki is not None and workers > 1:
-        raise typer.BadParameter("the backbone (--pki) runs in one process for now: use --workers 1",
-                                 param_hint="--workers")
     backbone_spec = (pki, backbone_port,
                      _host_port(backbone_listen, "--backbone-listen") if backbone_listen else None)
     limits = AdmissionLimits(
@@ -454,7 +451,7 @@ async def _serve_pop(
                 f"{host}:{port}" for host, port in dns_service.addresses),
                 ", ".join(str(server) for server, _ in dns_service.upstreams) or "none")
         if stack is not None:
-            await stack.start(runtime, state)
+            await stack.start(runtime, state, reuse_port=reuse_port)
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
         if dns_service is not None:

@@ -309,9 +309,10 @@ class _EgressUdp(asyncio.DatagramProtocol):
 class BackboneServer:
     """The egress PoP's side: flows arriving from other PoPs leave from here."""
 
-    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int) -> None:
+    def __init__(self, runtime: PopRuntime, context: ssl.SSLContext, host: str, port: int, *,
+                 reuse_port: bool = False) -> None:
         self.runtime = runtime
-        self.server = MuxServer(context, self._handle, host=host, port=port)
+        self.server = MuxServer(context, self._handle, host=host, port=port, reuse_port=reuse_port)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -524,8 +525,11 @@ class BackboneStack:
             listen = (str(own.backbone_address), port)
         return cls(code, peers, pki, listen, port)
 
-    async def start(self, runtime: PopRuntime, holder: StateHolder) -> None:
-        self.server = BackboneServer(runtime, self._server_context, *self.listen)
+    async def start(self, runtime: PopRuntime, holder: StateHolder, *, reuse_port: bool = False) -> None:
+        """With `reuse_port` (--workers N), every worker process runs all of this: its own
+        server on the shared backbone port (the kernel spreads peers' connections), its own
+        link to each peer and its own health monitor — N links per PoP pair, one per worker."""
+        self.server = BackboneServer(runtime, self._server_context, *self.listen, reuse_port=reuse_port)
         await self.server.start()
         self.monitor = HealthMonitor(self.code, self.backbone, holder)
         await self.monitor.probe_once()
