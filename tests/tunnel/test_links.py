@@ -142,9 +142,16 @@ async def test_a_deleted_connector_is_dropped_and_its_flows_refused(pop: TunnelS
         await pop.open_tcp("acme-office", flow)  # R13, even when asked directly
     with pytest.raises(UpstreamError, match="not attached"):
         await pop.open_tcp("acme-office", TunnelFlow("f2", "acme", "10.9.9.9", 80))
+    # The route narrowed by a new snapshot: the PoP carries only what is declared now.
+    narrowed = DEPLOYMENT.replace('"127.0.50.0/24"]\n\n[[accounts]]', '"127.0.50.0/25"]\n\n[[accounts]]')
+    assert narrowed != DEPLOYMENT
+    pop.runtime.state.replace(load_deployment(narrowed, version=2))
+    assert await settle(lambda: pop.status()[0]["routes"] == ["127.0.50.0/25"], 5.0), pop.status()
+    with pytest.raises(UpstreamError, match=r"not attached to PoP tst with a route to 127\.0\.50\.200"):
+        await pop.open_tcp("acme-office", TunnelFlow("f3", "acme", "127.0.50.200", 80))
     # Its token replaced (as `egressd tunnel token` does): the PoP drops the link.
     replaced = DEPLOYMENT.replace(token_digest(TOKEN), token_digest(TOKEN + "new"))
-    pop.runtime.state.replace(load_deployment(replaced, version=2))
+    pop.runtime.state.replace(load_deployment(replaced, version=3))
     async with asyncio.timeout(8.0):
         await served.closed
     await served.close()

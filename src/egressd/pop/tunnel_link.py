@@ -43,6 +43,7 @@ from egressd.protocols.tunnel import (
     HELLO,
     ROUTES_HEADER,
     TOKEN_HEADER,
+    Announcement,
     Verdict,
     connector_of,
     host_matches,
@@ -74,6 +75,8 @@ class Attachment:
     peer: str
     networks: tuple[IPNetwork, ...]
     hostnames: tuple[str, ...]
+    announced: Announcement = field(default_factory=Announcement)
+    version: int = 0  # the snapshot the routes were checked against
     since: float = field(default_factory=time.time)
 
     def covers(self, host: str) -> bool:
@@ -204,7 +207,8 @@ class TunnelServer:
                         connector.account, route, other)
         for route, reason in checked.refused:
             log.warning("tunnel: connector %s: route %s refused: %s", connector.id, route, reason)
-        attachment = Attachment(connector, link, peer, checked.networks, checked.hostnames)
+        attachment = Attachment(connector, link, peer, checked.networks, checked.hostnames,
+                                announced, runtime.state.snapshot.version)
         await _send_verdict(hello, Verdict(True, runtime.code, connector.id, connector.account,
                                            checked.accepted, checked.refused))
         self.attachments.setdefault(connector.id, []).append(attachment)
@@ -235,6 +239,7 @@ class TunnelServer:
                             False, self.runtime.code, connector.id, connector.account,
                             error="the connector was deleted or its token replaced"))
                     return
+                self._recheck(attachment)
                 try:
                     await attachment.link.ping(PING_WAIT)
                 except MuxError as error:
@@ -251,6 +256,20 @@ class TunnelServer:
             if not attachments:
                 self.attachments.pop(connector.id, None)
             log.info("tunnel: connector %s from %s detached", connector.id, attachment.peer)
+
+    def _recheck(self, attachment: Attachment) -> None:
+        """Routes follow the configuration: a route removed, or now overlapping another
+        account's, stops being carried; one declared since is carried."""
+        snapshot = self.runtime.state.snapshot
+        if snapshot.version == attachment.version:
+            return
+        checked = check_announcement(snapshot, attachment.connector, attachment.announced)
+        attachment.version = snapshot.version
+        if (checked.networks, checked.hostnames) != (attachment.networks, attachment.hostnames):
+            attachment.networks, attachment.hostnames = checked.networks, checked.hostnames
+            log.info("tunnel: connector %s from %s: routes now %s (snapshot %d)",
+                     attachment.connector.id, attachment.peer,
+                     ", ".join(checked.accepted) or "none", snapshot.version)
 
     # --- flows ----------------------------------------------------------------------
 
