@@ -78,7 +78,7 @@ async def test_a_dead_connected_pop_moves_the_client_within_3_s(
     first = status["connected_pop"]
     assert first in ("las", "lax") and status["rtt_ms"]["jfk"] is None
     proxy = f"http://{status['listen']}"
-    deadline = time.monotonic() + 5  # the PoP processes learn of the new device (R14: 2 s)
+    deadline = time.monotonic() + 10  # the PoP processes learn of the new device (R14: 2 s)
     while True:
         code, body = await curl("-x", proxy, serve["echo"]["http"])
         if body.strip() in GLOBEX_SOURCE[first] or time.monotonic() > deadline:
@@ -89,6 +89,7 @@ async def test_a_dead_connected_pop_moves_the_client_within_3_s(
     other = "lax" if first == "las" else "las"
     device = json.loads(await asyncio.to_thread((client_state / "device.json").read_text))
     login = f"{device['device_id']}:{device['secret']}"
+    deadline = time.monotonic() + 10
     while True:
         code, body = await curl("-x", f"http://127.0.0.1:{ports[other][0]}", "-U", login,
                                 serve["echo"]["http"])
@@ -106,9 +107,9 @@ async def test_a_dead_connected_pop_moves_the_client_within_3_s(
         assert time.monotonic() - killed_at < FAILOVER_WITHIN + 1, current
         await asyncio.sleep(0.05)
     moved_after = time.monotonic() - killed_at
-    assert moved_after <= FAILOVER_WITHIN, f"moved after {moved_after:.2f} s"
+    assert moved_after <= FAILOVER_WITHIN, f"moved after {moved_after:.2f} s: {child.stderr()}"
     code, body = await curl("-x", proxy, serve["echo"]["http"])
-    assert code == 0 and body.strip() in GLOBEX_SOURCE[other], body
+    assert code == 0 and body.strip() in GLOBEX_SOURCE[other], body + child.stderr()
     switch = current["switches"][-1]
     assert switch["from"] == first and switch["to"] == other
     assert switch["reason"].startswith(f"{first} is unreachable")
