@@ -242,3 +242,42 @@ async def test_flows_through_a_real_connector_leave_nothing_behind(pop: TunnelSe
         origin.close()
         await origin.wait_closed()
     assert await settle(lambda: not pop.attachments, 8.0)
+
+
+async def test_a_route_declared_later_reaches_the_connector(pop: TunnelServer, pki: Path) -> None:
+    """The configuration grows while the connector is attached: the PoP re-checks, tells
+    the connector with a new verdict, and flows to the new part go through."""
+    narrowed = DEPLOYMENT.replace('"127.0.50.0/24"]\n\n[[accounts]]', '"127.0.50.0/25"]\n\n[[accounts]]')
+    pop.runtime.state.replace(load_deployment(narrowed, version=2))
+
+    async def tell(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\n")
+        await writer.drain()
+        writer.close()
+
+    origin = await asyncio.start_server(tell, "127.0.50.200", 0)
+    port = origin.sockets[0].getsockname()[1]
+    agent = ConnectorAgent(ConnectorSettings(
+        token=TOKEN, pops=(PopAddress("127.0.0.1", pop.address[1], "tst"),), ca=pki / "ca.crt"))
+    running = asyncio.create_task(agent.run())
+    flow = TunnelFlow("f1", "acme", "127.0.50.200", port)
+    try:
+        assert await settle(lambda: bool(pop.status()), 5.0)
+        assert pop.status()[0]["routes"] == ["127.0.50.0/25"]
+        with pytest.raises(UpstreamError, match="not attached"):
+            await pop.open_tcp("acme-office", flow)
+        pop.runtime.state.replace(load_deployment(DEPLOYMENT, version=3))
+        assert await settle(lambda: pop.status()[0]["routes"] == ["127.0.50.0/24"], 5.0)
+        state = next(iter(agent.links.values()))
+        assert await settle(lambda: bool(state.covers("127.0.50.200")), 5.0)
+        sock = await pop.open_tcp("acme-office", flow)
+        try:
+            async with asyncio.timeout(5.0):
+                assert await asyncio.get_running_loop().sock_recv(sock, 100) == b"hello\n"
+        finally:
+            sock.close()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        origin.close()
+        await origin.wait_closed()

@@ -310,6 +310,10 @@ class ConnectorAgent:
                     log.error("connector: PoP %s: %s", state.pop, verdict.error)
                     state.attached = False
                     return
+                else:  # the configuration changed: the routes the PoP carries now
+                    state.accepted = parse_routes(",".join(verdict.routes))
+                    log.info("connector: PoP %s now carries routes %s", state.pop,
+                             ", ".join(verdict.routes) or "none")
 
     async def _flow(self, state: LinkState, stream: MuxStream) -> None:
         host = stream.headers.get("egressd-host", "")

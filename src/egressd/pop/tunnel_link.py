@@ -239,7 +239,7 @@ class TunnelServer:
                             False, self.runtime.code, connector.id, connector.account,
                             error="the connector was deleted or its token replaced"))
                     return
-                self._recheck(attachment)
+                await self._recheck(attachment, hello)
                 try:
                     await attachment.link.ping(PING_WAIT)
                 except MuxError as error:
@@ -257,9 +257,10 @@ class TunnelServer:
                 self.attachments.pop(connector.id, None)
             log.info("tunnel: connector %s from %s detached", connector.id, attachment.peer)
 
-    def _recheck(self, attachment: Attachment) -> None:
+    async def _recheck(self, attachment: Attachment, hello: MuxStream) -> None:
         """Routes follow the configuration: a route removed, or now overlapping another
-        account's, stops being carried; one declared since is carried."""
+        account's, stops being carried; one declared since is carried. The connector is
+        told with a new verdict."""
         snapshot = self.runtime.state.snapshot
         if snapshot.version == attachment.version:
             return
@@ -270,6 +271,10 @@ class TunnelServer:
             log.info("tunnel: connector %s from %s: routes now %s (snapshot %d)",
                      attachment.connector.id, attachment.peer,
                      ", ".join(checked.accepted) or "none", snapshot.version)
+            connector = attachment.connector
+            await _send_verdict(hello, Verdict(True, self.runtime.code, connector.id,
+                                               connector.account, checked.accepted,
+                                               checked.refused))
 
     # --- flows ----------------------------------------------------------------------
 
