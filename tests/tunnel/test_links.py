@@ -281,3 +281,22 @@ async def test_a_route_declared_later_reaches_the_connector(pop: TunnelServer, p
         await asyncio.gather(running, return_exceptions=True)
         origin.close()
         await origin.wait_closed()
+
+
+async def test_links_per_connector_are_capped(pop: TunnelServer, pki: Path) -> None:
+    from egressd.pop.tunnel_link import MAX_LINKS
+
+    served: list[ServedLink] = []
+    try:
+        for _ in range(MAX_LINKS):
+            verdict, link = await hand_made(pop, pki, {TOKEN_HEADER: TOKEN})
+            served.append(link)
+            assert verdict.accepted
+        verdict, link = await hand_made(pop, pki, {TOKEN_HEADER: TOKEN})
+        served.append(link)
+        assert not verdict.accepted and "too many links" in verdict.error
+        assert len(pop.status()) == MAX_LINKS
+    finally:
+        for link in served:
+            await link.close()
+    assert await settle(lambda: not pop.attachments, 8.0)

@@ -56,6 +56,7 @@ __all__ = ["TunnelServer"]
 log = logging.getLogger("egressd.pop.tunnel")
 
 PING_EVERY: Final = 2.0
+MAX_LINKS: Final = 8  # links of one connector to one PoP (replicas of it, restarts)
 PING_WAIT: Final = 5.0
 _UNKNOWN_DIGEST: Final = "0" * 64
 
@@ -191,6 +192,13 @@ class TunnelServer:
             runtime.auth_throttle.failed(source)
             await _send_verdict(hello, Verdict(False, runtime.code, claimed,
                                                error="unknown connector or wrong token"))
+            return None
+        if len(self.attachments.get(connector.id, [])) >= MAX_LINKS:
+            log.warning("tunnel: connector %s from %s refused: it already has %d links here",
+                        connector.id, peer, MAX_LINKS)
+            await _send_verdict(hello, Verdict(False, runtime.code, connector.id,
+                                               connector.account,
+                                               error=f"too many links to PoP {runtime.code}"))
             return None
         try:
             announced = parse_routes(hello.response_headers.get(ROUTES_HEADER, ""))
