@@ -143,8 +143,8 @@ def test_the_lab_is_whole_again_after_the_scenario(lab_name: str, seed_rows: dic
     las = status["pops"]["las"]["peers"]
     assert las["lax"]["up"] and las["jfk"]["up"]
     assert las["lax"]["rtt_ms"] < las["jfk"]["rtt_ms"]  # R6's input: Los Angeles is nearer
-    deployment = (runner.lab_directory(lab_name) / "deployment.toml").read_text()
-    assert deployment == runner.load(lab_name).plan.deployment_text
+    network = runner.load(lab_name).api("GET", "/v1/accounts/acme/settings/network")
+    assert network["proxy_udp"] is False  # as the topology has it
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -191,6 +191,47 @@ def test_curl_resolves_with_doh_at_its_pop(lab_name: str) -> None:
     assert asked and {(e["source"], e["link"]) for e in asked} <= {(a, "las") for a in LAS_SHARED}
     flows = [json.loads(line) for line in lab.flow_log("las").read_text().splitlines()]
     assert any(f["protocol"] == "dns" and f["hostname"] == name and f["account"] == "acme" for f in flows)
+
+
+def test_the_device_client_and_verify_in_the_lab(lab_name: str) -> None:
+    """Issue 7 in the lab: enrol through the control plane, `egressd client run` at the user's
+    site attaches to the only PoP it reaches (las), curl through the local proxy leaves Los
+    Angeles, and `egressd verify` finds both families dedicated (IPv6 by R9, from las)."""
+    lab = runner.load(lab_name)
+    token = lab.api("POST", "/v1/accounts/acme/enrollment-tokens", {"user": "alice"})["token"]
+    state = lab.directory / "client-test"
+    site = lab.exec_in("s-home", *EGRESSD)
+    pops = [arg for code in ("las", "lax", "jfk") for arg in
+            ("--pop", f"{code}={lab.plan.pop_address(code)}:{lab.plan.device_port}")]
+    enrolled = subprocess.run([*site, "client", "enroll", "--control", lab.plan.control_url, "--token", token,
+                               *pops, "--ca", str(lab.pki / "ca.crt"), "--echo4", "http://203.0.113.100/trace",
+                               "--echo6", "http://[2001:db8:ffff::100]/trace", "--state-dir", str(state)],
+                              capture_output=True, text=True, check=False, timeout=60)
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert token not in enrolled.stdout + enrolled.stderr
+    log = (lab.directory / "client-test.log").open("wb")
+    client = subprocess.Popen([*site, "client", "run", "--state-dir", str(state), "--listen", "127.0.0.1:40001"],
+                              stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        trace: dict[str, str] = {}
+        while time.monotonic() < deadline and trace.get("link") != "lax":
+            curl = subprocess.run([*lab.exec_in("s-home", "curl"), "-sS", "--max-time", "5", "-x",
+                                   "http://127.0.0.1:40001", "http://203.0.113.100/trace"],
+                                  capture_output=True, text=True, check=False)
+            trace = dict(line.split("=", 1) for line in curl.stdout.splitlines() if "=" in line)
+            time.sleep(0.2)
+        assert (trace.get("ip"), trace.get("link")) == ("198.51.100.50", "lax"), trace
+        verify = subprocess.run([*site, "verify", "--state-dir", str(state), "--proxy", "127.0.0.1:40001", "--json"],
+                                capture_output=True, text=True, check=False, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        report = json.loads(verify.stdout)
+        text = json.dumps(report)
+        assert "198.51.100.50" in text and "2001:db8:100:1:" in text, report
+    finally:
+        client.terminate()
+        client.wait(10)
+        log.close()
 
 
 def test_a_failed_up_leaves_nothing(tmp_path: Path) -> None:
@@ -289,7 +330,7 @@ def test_an_interrupted_run_puts_the_lab_back(lab_name: str) -> None:
     """SIGTERM while the failover row has the Los Angeles PoP stopped: the run exits 130,
     lax is started again and the deployment is what it was."""
     lab = runner.load(lab_name)
-    before = lab.deployment_path.read_text()
+    before = lab.api("GET", "/v1/accounts/acme/settings/network")
     process = subprocess.Popen([*EGRESSD, "lab", "run", "seed", "--name", lab_name],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -303,6 +344,6 @@ def test_an_interrupted_run_puts_the_lab_back(lab_name: str) -> None:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130 and "interrupted" in err, err
-    assert lab.pop_pids("lax") and lab.deployment_path.read_text() == before
+    assert lab.pop_pids("lax") and lab.api("GET", "/v1/accounts/acme/settings/network") == before
     status = json.loads(lab_cli("status", "--name", lab_name, "--json").stdout)
     assert all(peer["up"] for pop in status["pops"].values() for peer in pop["peers"].values())

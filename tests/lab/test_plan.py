@@ -18,7 +18,7 @@ import pytest
 from egressd.cli.lab_cmd import DEFAULT_TOPOLOGY
 from egressd.lab.dns_server import DnsServer, Zone
 from egressd.lab.plan import INTERNET, LabError, one_way_delay_ms, plan_lab
-from egressd.lab.scenarios import Result, Row, set_network
+from egressd.lab.scenarios import Result, Row
 from egressd.model.deployment import load_deployment
 from egressd.pop.dns_service import DnsService
 from egressd.pop.flowlog import FlowLog
@@ -104,16 +104,14 @@ def test_zone_answers_records_wildcards_whoami_and_refuses_the_rest() -> None:
     assert zone.answer(b"\x00\x01garbage", "198.51.100.10") == (None, {"error": "ShortHeader"})
 
 
-def test_set_network_edits_one_account_only() -> None:
-    text = plan_lab(SEED).deployment_text
-    edited = set_network(text, "acme", "proxy_udp", "true")
-    snapshot = load_deployment(edited)
-    assert snapshot.accounts["acme"].account.settings.proxy_udp
-    assert not snapshot.accounts["globex"].account.settings.proxy_udp
-    added = set_network(edited, "globex", "fallback", '"shared"')  # globex has no [accounts.network] yet
-    assert load_deployment(added).accounts["globex"].account.settings.fallback.value == "shared"
-    with pytest.raises(LabError, match="account 'initech'"):
-        set_network(text, "initech", "proxy_udp", "true")
+def test_the_control_plane_sits_on_a_refused_control_address() -> None:
+    plan = plan_lab(SEED)
+    assert str(plan.control) == "203.0.113.250" and plan.control_url == "http://203.0.113.250:18070"
+    assert ipaddress.ip_network("203.0.113.250/32") in plan.namespaces[INTERNET].loopback
+    site = {str(route.destination): route.interface for route in plan.namespaces["s-home"].routes}
+    assert site["203.0.113.250/32"] == "inet" and site["0.0.0.0/0"] == "pop"  # only that, directly
+    with pytest.raises(LabError, match="must be in \\[deployment\\] control_addresses"):
+        plan_lab(SEED.replace('control = "203.0.113.250"', 'control = "203.0.113.249"'))
 
 
 def test_the_result_table_says_which_rows_differ() -> None:

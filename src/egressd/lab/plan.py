@@ -128,6 +128,13 @@ class LabPlan:
     https_port: int
     backbone_port: int
     dns_port: int
+    control: ipaddress.IPv4Address  # the control plane, in the Internet namespace
+    control_port: int = 18070
+    device_port: int = 8444  # each PoP's device link (egressd client)
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.control}:{self.control_port}"
 
     def pop_address(self, pop: str) -> IPAddress:
         """Where devices and peers reach `pop`: its backbone address."""
@@ -224,6 +231,7 @@ def _plan(lab: Mapping[str, Any], snapshot: Snapshot, deployment_text: str, sour
                            "(devices and peers reach it there)")
         namespaces[code] = Namespace(code)
 
+    control = _control(lab, snapshot, source)
     sites = tuple(_sites(lab, snapshot, source))
     private_sites = tuple(_private_sites(lab, snapshot, source))
     origins = tuple(_origins(lab, private_sites, source))
@@ -234,6 +242,10 @@ def _plan(lab: Mapping[str, Any], snapshot: Snapshot, deployment_text: str, sour
     for link in links:
         _connect(namespaces, link)
     _addresses_and_routes(namespaces, links, snapshot, origins, private_sites)
+    namespaces[INTERNET].loopback.append(ipaddress.ip_network(control))
+    for link in links:  # a site reaches the control plane (enrolment, its account) directly
+        if link.a_role == INTERNET and link.b_role.startswith("s-"):
+            namespaces[link.b_role].routes.append(Route(ipaddress.ip_network(control), "inet", link.a_v4))
     return LabPlan(
         deployment_text=deployment_text, snapshot=snapshot, zone=zone, stretch=stretch,
         namespaces=namespaces, links=tuple(links), origins=origins, sites=sites,
@@ -241,7 +253,27 @@ def _plan(lab: Mapping[str, Any], snapshot: Snapshot, deployment_text: str, sour
         proxy_port=int(_number(lab, "proxy_port", 8080, source)),
         https_port=int(_number(lab, "https_port", 8443, source)),
         backbone_port=int(_number(lab, "backbone_port", 7443, source)),
-        dns_port=53)
+        dns_port=53, control=control)
+
+
+def _control(lab: Mapping[str, Any], snapshot: Snapshot, source: str) -> ipaddress.IPv4Address:
+    """The control plane's address: [lab] control, else the deployment's first single
+    control address. It must be one of `control_addresses`, which the PoPs refuse (R13)."""
+    protected = snapshot.settings.control_addresses
+    text = lab.get("control")
+    if text is None:
+        hosts = [net.network_address for net in protected if net.version == 4 and net.num_addresses == 1]
+        if not hosts:
+            raise LabError(f"{source}: give [lab] control = \"IPv4\" and list it in [deployment] control_addresses")
+        return ipaddress.IPv4Address(hosts[0])
+    try:
+        address = ipaddress.IPv4Address(str(text))
+    except ValueError as exc:
+        raise LabError(f"{source}: lab.control: {exc}") from None
+    if not any(address in net for net in protected):
+        raise LabError(f"{source}: lab.control {address} must be in [deployment] control_addresses "
+                       "(the PoPs must refuse to reach it, R13)")
+    return address
 
 
 def _sites(lab: Mapping[str, Any], snapshot: Snapshot, source: str) -> Iterator[Site]:
@@ -315,6 +347,7 @@ def _links(snapshot: Snapshot, sites: tuple[Site, ...], private_sites: tuple[Pri
         dc = snapshot.data_centers[site.pop]
         delay = one_way_delay_ms(dc, (site.latitude, site.longitude), stretch)
         yield link(f"s-{site.name}", "pop", site.pop, f"s-{site.name}", delay)
+        yield link(INTERNET, f"s-{site.name}", f"s-{site.name}", "inet", 0.0)  # to the control plane only
     for private in private_sites:
         yield link(f"p-{private.name}", "wan", private.pop, f"wan-{private.name}", 0.0)
 

@@ -60,18 +60,40 @@ class Lab:
     def dns_log(self) -> Path:
         return self.directory / "dns-queries.jsonl"
 
+    @property
+    def control_dir(self) -> Path:
+        """The control plane's store and its bootstrap admin token (admin.token, 0600)."""
+        return self.directory / "control"
+
+    @property
+    def pop_token(self) -> Path:
+        return self.control_dir / "pop.token"
+
+    def admin_token(self) -> str:
+        return (self.control_dir / "admin.token").read_text(encoding="utf-8").strip()
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One call to the lab's control plane as its administrator, from the Internet
+        namespace (where the control plane listens)."""
+        script = ("import json,sys,urllib.request\n"
+                  "m,url,token,body=sys.argv[1:5]\n"
+                  "req=urllib.request.Request(url,method=m,data=body.encode() if body else None,"
+                  "headers={'Authorization':'Bearer '+token,'Content-Type':'application/json'})\n"
+                  "print(urllib.request.urlopen(req,timeout=10).read().decode())")
+        result = subprocess.run(self.exec_in(INTERNET, sys.executable, "-c", script, method,
+                                             self.plan.control_url + path, self.admin_token(),
+                                             json.dumps(body) if body is not None else ""),
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LabError(f"control plane: {method} {path} failed: {result.stderr.strip()[-300:]}")
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
     def exec_in(self, role: str, *command: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(role), *command]
 
     def pop_pids(self, pop: str) -> list[int]:
         return netns.pids_in(self.namespace(pop))
 
-    def reload_pops(self) -> None:
-        """SIGHUP every PoP: they re-read deployment.toml (flows in progress keep going)."""
-        for code in self.plan.snapshot.data_centers:
-            for pid in self.pop_pids(code):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
 
 
 def require_root() -> None:
@@ -184,16 +206,36 @@ def _start_programs(lab: Lab) -> None:
             "echo", *hosts_args, "--http-port", str(ECHO_HTTP_PORT), "--udp-port", str(ECHO_UDP_PORT),
             "--geofeed", str(lab.directory / "geofeed.csv"), "--report-link",
             "--proxy-protocol" if origin.kind == "in-network" else "--no-proxy-protocol"))
+    _start_control_plane(lab)
     for code in plan.snapshot.data_centers:
         start_pop(lab, code)
 
 
+def _start_control_plane(lab: Lab) -> None:
+    """`egressd control serve` on the lab's control address, loaded with the deployment; a
+    PoP token for the PoPs. The PoPs follow it (R14), as in production."""
+    plan = lab.plan
+    _spawn(lab, INTERNET, "control.log", *egressd(
+        "control", "serve", "--state-dir", str(lab.control_dir), "--listen", f"{plan.control}:{plan.control_port}",
+        "-d", str(lab.deployment_path), "--replica", f"lab-{lab.name}"))
+    _wait_listening(lab, INTERNET, str(plan.control), plan.control_port, "control.log",
+                    time.monotonic() + READY_WITHIN)
+    result = subprocess.run([*egressd("control", "token", "--scope", "pop", "--name", "lab PoPs",
+                                      "--state-dir", str(lab.control_dir), "-o", str(lab.pop_token))],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LabError(f"cannot make the PoPs' control-plane token: {result.stderr.strip()}")
+
+
 def start_pop(lab: Lab, code: str) -> None:
-    """The real `egressd pop` of data center `code`, in its namespace."""
+    """The real `egressd pop` of data center `code`, in its namespace, following the lab's
+    control plane, with a device link for `egressd client`."""
     plan = lab.plan
     address = str(plan.pop_address(code))
-    args = ["pop", "-d", str(lab.deployment_path), "--pop", code,
+    args = ["pop", "--control", plan.control_url, "--control-token-file", str(lab.pop_token),
+            "--state-dir", str(lab.directory / f"pop-{code}"), "--pop", code,
             "--listen", f"{address}:{plan.proxy_port}",
+            "--device-listen", f"{address}:{plan.device_port}",
             "--https-listen", f"{address}:{plan.https_port}",
             "--cert", str(lab.pki / f"pop-{code}.crt"), "--key", str(lab.pki / f"pop-{code}.key"),
             "--pki", str(lab.pki), "--backbone-port", str(plan.backbone_port),
@@ -226,13 +268,17 @@ def _wait_ready(lab: Lab) -> None:
         waits.append((code, str(plan.pop_address(code)), plan.proxy_port, f"pop-{code}.log"))
     deadline = time.monotonic() + READY_WITHIN
     for role, host, port, log_name in waits:
-        while not _listening(lab, role, host, port):
-            if time.monotonic() > deadline:
-                tail = _tail(lab.directory / log_name)
-                raise LabError(f"{role}: nothing listens on {host}:{port} after {READY_WITHIN:g} s; "
-                               f"its log ({lab.directory / log_name}) ends:\n{tail}")
-            time.sleep(0.1)
+        _wait_listening(lab, role, host, port, log_name, deadline)
     wait_backbone(lab, deadline)
+
+
+def _wait_listening(lab: Lab, role: str, host: str, port: int, log_name: str, deadline: float) -> None:
+    while not _listening(lab, role, host, port):
+        if time.monotonic() > deadline:
+            tail = _tail(lab.directory / log_name)
+            raise LabError(f"{role}: nothing listens on {host}:{port} after {READY_WITHIN:g} s; "
+                           f"its log ({lab.directory / log_name}) ends:\n{tail}")
+        time.sleep(0.1)
 
 
 def wait_backbone(lab: Lab, deadline: float) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import secrets
 import subprocess
 import sys
@@ -167,40 +166,17 @@ def _primary(lab: Lab, connected: str, locations: tuple[DedicatedLocation, ...])
     return min(locations, key=lambda location: (delay(location), location.id))
 
 
-def set_network(text: str, account: str, key: str, value: str) -> str:
-    """`text` (a deployment file) with `key = value` in `account`'s [accounts.network]."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if re.fullmatch(rf'\s*id\s*=\s*"{re.escape(account)}"\s*', line)),
-                 None)
-    if start is None:
-        raise LabError(f"account {account!r} is not in the deployment")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "[[accounts]]"), len(lines))
-    table = next((i for i in range(start, end) if lines[i].strip() == "[accounts.network]"), None)
-    if table is None:  # after the account's own keys, before its first sub-table
-        table = next((i for i in range(start + 1, end) if lines[i].strip().startswith("[")), end)
-        lines.insert(table, "  [accounts.network]")
-        end += 1
-    stop = next((i for i in range(table + 1, end) if lines[i].strip().startswith("[")), end)
-    for i in range(table + 1, stop):
-        if re.match(rf"\s*{key}\s*=", lines[i]):
-            lines[i] = f"  {key} = {value}"
-            break
-    else:
-        lines.insert(table + 1, f"  {key} = {value}")
-    return "\n".join(lines) + "\n"
-
-
-def _apply(lab: Lab, text: str) -> None:
-    """Write the deployment, SIGHUP the PoPs, wait until each serves the new version."""
-    before = {code: (pop_health(lab, code) or {}).get("snapshot_version", 0) for code in lab.plan.snapshot.data_centers}
-    lab.deployment_path.write_text(text, encoding="utf-8")
-    lab.reload_pops()
+def set_network(lab: Lab, account: str, settings: dict[str, Any]) -> None:
+    """Change `account`'s network settings through the control plane, as an operator would,
+    and wait until every PoP serves the new version (R14)."""
+    lab.api("PATCH", f"/v1/accounts/{account}/settings/network", settings)
+    version = int(lab.api("GET", "/v1/version")["version"])
     deadline = time.monotonic() + 10
-    for code, version in before.items():
-        while (pop_health(lab, code) or {}).get("snapshot_version", 0) <= version:
+    for code in lab.plan.snapshot.data_centers:
+        while (pop_health(lab, code) or {}).get("snapshot_version", 0) < version:
             if time.monotonic() > deadline:
-                raise LabError(f"PoP {code} did not reload {lab.deployment_path}")
-            time.sleep(0.1)
+                raise LabError(f"PoP {code} did not apply version {version} of the configuration")
+            time.sleep(0.05)
 
 
 def seed(lab: Lab) -> Result:
@@ -288,14 +264,14 @@ def seed(lab: Lab) -> Result:
             row.note = f"HTTP {answer.get('status')}: {str(answer.get('error', ''))[:120]}"
             row.ok = answer.get("status") == 403
             result.rows.append(row)
-    original = lab.deployment_path.read_text(encoding="utf-8")
+    before = lab.api("GET", f"/v1/accounts/{account}/settings/network")
     try:
-        for setting in ("false", "true"):
-            _apply(lab, set_network(original, account, "proxy_udp", setting))
-            row = Row(f"UDP, proxy.udp {'on' if setting == 'true' else 'off'} (R3)", f"{echo.name} {echo.ipv4}:{ECHO_UDP_PORT}",
+        for setting in (False, True):
+            set_network(lab, account, {"proxy_udp": setting})
+            row = Row(f"UDP, proxy.udp {'on' if setting else 'off'} (R3)", f"{echo.name} {echo.ipv4}:{ECHO_UDP_PORT}",
                       4, connected)
             _fill(row, lab, echo, device.udp(str(echo.ipv4), ECHO_UDP_PORT), geofeed)
-            if setting == "true":
+            if setting:
                 row.expected = f"leaves {primary.home_pop} from {primary.ipv4}"
                 row.ok = row.egress_pop == primary.home_pop and row.source == str(primary.ipv4)
             else:
@@ -304,7 +280,7 @@ def seed(lab: Lab) -> Result:
             row.ok = row.ok and row.note == ""
             result.rows.append(row)
     finally:
-        _apply(lab, original)
+        set_network(lab, account, {"proxy_udp": bool(before["proxy_udp"])})
     result.rows.append(_failover_row(lab, device, echo, connected, primary, secondary, geofeed))
     return result
 
