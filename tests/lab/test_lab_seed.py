@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from egressd.cli.lab_cmd import DEFAULT_TOPOLOGY
-from egressd.lab import netns, runner
+from egressd.lab import netns, runner, scenarios
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -116,10 +116,42 @@ def test_a_free_account_leaves_shared(seed_rows: dict[str, dict[str, Any]]) -> N
     assert row["source"] in LAS_SHARED and row["geolocation"] == "Las Vegas" and row["ok"], row
 
 
-def test_another_account_cannot_reach_the_private_origin(seed_rows: dict[str, dict[str, Any]]) -> None:
-    row = seed_rows["acme's private origin, as globex"]
+@pytest.mark.parametrize("case", ["acme's branch", "acme's office"])
+def test_another_account_cannot_reach_the_private_origins(seed_rows: dict[str, dict[str, Any]], case: str) -> None:
+    row = seed_rows[case]
     assert row["source"] == "-" and row["ok"], row
     assert "HTTP 403" in row["note"] and "private route of another account" in row["note"]
+
+
+def test_the_origin_behind_the_connector_sees_the_connectors_address(seed_rows: dict[str, dict[str, Any]]) -> None:
+    """Issue 6: carried to the connector in the office, which connects from its own host."""
+    row = seed_rows["private origin behind a tunnel connector"]
+    assert row["egress_pop"] == "connector office-1" and row["source"] == "198.51.100.194" and row["ok"], row
+
+
+def test_losing_one_of_the_connectors_two_links_keeps_the_office_reachable(lab_name: str) -> None:
+    """Cut one of the connector's TCP connections to a PoP (ss -K in the office's namespace):
+    the next request reaches the office origin at once, through the other link."""
+    lab = runner.load(lab_name)
+    deadline = time.monotonic() + 20
+    while len(attached := runner.connector_pops(lab, "office-1")) < 2:
+        assert time.monotonic() < deadline, attached
+        time.sleep(0.2)
+    victim = attached[0]
+    address = lab.plan.pop_address(victim)
+    log = lab.directory / "connector-office.log"
+    logged = len(log.read_text())
+    cut = subprocess.run([*lab.exec_in("p-office", "ss", "-K", "dst", str(address), "dport", "=",
+                                       str(lab.plan.tunnel_port))], capture_output=True, text=True, check=False)
+    assert str(address) in cut.stdout, cut  # the socket it destroyed
+    probe = scenarios.Device(lab, "s-home", "alice-laptop", "lab-alice-secret", "las")
+    answer = probe.http("http://198.51.100.194:80/trace")
+    assert answer.get("ok") and answer["trace"]["ip"] == "198.51.100.194", (answer, victim)
+    assert f"link to PoP {victim} closed" in log.read_text()[logged:]
+    deadline = time.monotonic() + 30  # and the connector dials a second PoP again
+    while len(runner.connector_pops(lab, "office-1")) < 2:
+        assert time.monotonic() < deadline, "the connector did not restore its second link"
+        time.sleep(0.2)
 
 
 def test_udp_follows_proxy_udp(seed_rows: dict[str, dict[str, Any]]) -> None:

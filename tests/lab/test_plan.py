@@ -29,7 +29,7 @@ SEED = DEFAULT_TOPOLOGY.read_text(encoding="utf-8")
 
 def test_the_seed_topology_plans_namespaces_links_and_delays() -> None:
     plan = plan_lab(SEED)
-    assert set(plan.namespaces) == {INTERNET, "las", "lax", "jfk", "s-home", "p-branch"}
+    assert set(plan.namespaces) == {INTERNET, "las", "lax", "jfk", "s-home", "p-branch", "p-office"}
     delays = {(link.a_role, link.b_role): link.delay_ms for link in plan.links}
     # las–lax ~370 km, las–jfk ~3,590 km, lax–jfk ~3,940 km; × 1.5 / 200 km per ms
     assert delays[("las", "lax")] == pytest.approx(2.8, abs=0.1)
@@ -56,6 +56,13 @@ def test_the_internet_routes_every_address_a_pop_sends_from_back_to_it() -> None
     assert ipaddress.ip_network("198.51.100.50/32") not in las.loopback  # only lax holds it
     assert any(str(route.destination) == "198.51.100.224/28" for route in las.routes)  # the WAN link
     assert not any(str(route.destination) == "198.51.100.224/28" for route in plan.namespaces["lax"].routes)
+    # the office behind a connector: reachable from nowhere, it reaches the PoPs' service addresses
+    assert not any(route.destination.overlaps(ipaddress.ip_network("198.51.100.192/28"))
+                   for ns in plan.namespaces.values() for route in ns.routes if route.destination.version == 4
+                   and route.destination.prefixlen > 0)
+    assert inet["203.0.113.2/32"] == "lax"
+    office = {str(route.destination): route.interface for route in plan.namespaces["p-office"].routes}
+    assert office == {"0.0.0.0/0": "inet"}
 
 
 def test_the_deployment_part_is_what_the_pops_load_with_lines_kept() -> None:

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from egressd.lab.plan import LabError, LabPlan, Link
+from egressd.lab.plan import INTERNET, LabError, LabPlan, Link
 
 PREFIX = "egl-"
 NETNS_DIR = Path("/run/netns")
@@ -129,10 +129,13 @@ def build(lab: str, plan: LabPlan) -> None:
             else:
                 batch.append(f"route add {route.destination} via {route.gateway} dev {route.interface}")
         name = ns_name(lab, role)
-        sysctl(name, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
-                      "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
-                      "net.ipv4.ip_local_port_range": "10000 65000",
-                      "net.ipv4.ping_group_range": "0 2147483647"})
+        settings = {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
+                    "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                    "net.ipv4.ip_local_port_range": "10000 65000",
+                    "net.ipv4.ping_group_range": "0 2147483647"}
+        if role == INTERNET:  # the Internet routes between its edges (an office to a PoP); nothing else does
+            settings |= {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+        sysctl(name, settings)
         ip(namespace=name, batch=batch)
 
 

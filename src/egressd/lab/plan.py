@@ -60,11 +60,15 @@ class Site:
 
 @dataclass(frozen=True, slots=True)
 class PrivateSite:
-    """A network reached only through one PoP's WAN link (a private route, R4)."""
+    """A private network (R4): `wan`, reached only over one PoP's WAN link; or `connector`,
+    on the Internet taking no inbound connections, whose tunnel connector dials out."""
 
     name: str
-    pop: str
+    kind: str  # "wan" | "connector"
+    pop: str | None  # the PoP of a WAN site
     network: ipaddress.IPv4Network
+    connector: str | None = None
+    token: str | None = field(default=None, repr=False)  # a lab fixture, never printed
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,7 @@ class LabPlan:
     https_port: int
     backbone_port: int
     dns_port: int
+    tunnel_port: int
     control: ipaddress.IPv4Address  # the control plane, in the Internet namespace
     control_port: int = 18070
     device_port: int = 8444  # each PoP's device link (egressd client)
@@ -253,7 +258,7 @@ def _plan(lab: Mapping[str, Any], snapshot: Snapshot, deployment_text: str, sour
         proxy_port=int(_number(lab, "proxy_port", 8080, source)),
         https_port=int(_number(lab, "https_port", 8443, source)),
         backbone_port=int(_number(lab, "backbone_port", 7443, source)),
-        dns_port=53, control=control)
+        dns_port=53, tunnel_port=int(_number(lab, "tunnel_port", 7444, source)), control=control)
 
 
 def _control(lab: Mapping[str, Any], snapshot: Snapshot, source: str) -> ipaddress.IPv4Address:
@@ -296,16 +301,27 @@ def _sites(lab: Mapping[str, Any], snapshot: Snapshot, source: str) -> Iterator[
 
 def _private_sites(lab: Mapping[str, Any], snapshot: Snapshot, source: str) -> Iterator[PrivateSite]:
     for entry in lab.get("private_sites", []):
-        name, pop = str(entry.get("name", "")), str(entry.get("pop", ""))
+        name, kind = str(entry.get("name", "")), str(entry.get("kind", "wan"))
         if not _NAME.match(name):
             raise LabError(f"{source}: lab.private_sites name {name!r}: 1-8 lowercase letters/digits")
-        if pop not in snapshot.data_centers:
-            raise LabError(f"{source}: private site {name}: unknown PoP {pop!r}")
         try:
             network = ipaddress.IPv4Network(str(entry.get("network")))
         except ValueError as exc:
             raise LabError(f"{source}: private site {name}: network: {exc}") from None
-        yield PrivateSite(name, pop, network)
+        if kind == "wan":
+            pop = str(entry.get("pop", ""))
+            if pop not in snapshot.data_centers:
+                raise LabError(f"{source}: private site {name}: unknown PoP {pop!r}")
+            yield PrivateSite(name, kind, pop, network)
+        elif kind == "connector":
+            connector, token = entry.get("connector"), entry.get("token")
+            if not isinstance(connector, str) or connector not in snapshot.connectors:
+                raise LabError(f"{source}: private site {name}: connector {connector!r} is not in the deployment")
+            if not isinstance(token, str):
+                raise LabError(f"{source}: private site {name}: its connector needs a token")
+            yield PrivateSite(name, kind, None, network, connector, token)
+        else:
+            raise LabError(f"{source}: private site {name}: kind must be wan or connector")
 
 
 def _origins(lab: Mapping[str, Any], private_sites: tuple[PrivateSite, ...], source: str) -> Iterator[Origin]:
@@ -349,7 +365,10 @@ def _links(snapshot: Snapshot, sites: tuple[Site, ...], private_sites: tuple[Pri
         yield link(f"s-{site.name}", "pop", site.pop, f"s-{site.name}", delay)
         yield link(INTERNET, f"s-{site.name}", f"s-{site.name}", "inet", 0.0)  # to the control plane only
     for private in private_sites:
-        yield link(f"p-{private.name}", "wan", private.pop, f"wan-{private.name}", 0.0)
+        if private.pop is not None:
+            yield link(f"p-{private.name}", "wan", private.pop, f"wan-{private.name}", 0.0)
+        else:  # an office on the Internet
+            yield link(f"p-{private.name}", "inet", INTERNET, f"p-{private.name}", 0.0)
 
 
 def _connect(namespaces: dict[str, Namespace], link: Link) -> None:
@@ -387,6 +406,8 @@ def _addresses_and_routes(namespaces: dict[str, Namespace], links: list[Link], s
         # the Internet side routes every address this PoP sends from back to it (R9 sub-ranges too)
         inet.routes += [Route(net, code, uplink.b_v4 if net.version == 4 else uplink.b_v6)
                         for net in [*owned, *v6_local]]
+        # its service address, for what dials in from the Internet side (tunnel connectors)
+        inet.routes.append(Route(host(dc.backbone_address), code, uplink.b_v4))
     for link in links:
         if link.a_role in snapshot.data_centers and link.b_role in snapshot.data_centers:
             a_dc, b_dc = snapshot.data_centers[link.a_role], snapshot.data_centers[link.b_role]
@@ -397,6 +418,11 @@ def _addresses_and_routes(namespaces: dict[str, Namespace], links: list[Link], s
             namespaces[link.a_role].routes += [Route(ipaddress.ip_network("0.0.0.0/0"), "pop", link.b_v4),
                                                Route(ipaddress.ip_network("::/0"), "pop", link.b_v6)]
     for private in private_sites:
+        if private.pop is None:  # its default route is the Internet; nothing routes to it
+            uplink = by_end[(f"p-{private.name}", INTERNET)]
+            namespaces[f"p-{private.name}"].routes.append(
+                Route(ipaddress.ip_network("0.0.0.0/0"), "inet", uplink.b_v4))
+            continue
         wan = by_end[(f"p-{private.name}", private.pop)]
         namespaces[f"p-{private.name}"].routes += [
             Route(ipaddress.ip_network("0.0.0.0/0"), "wan", wan.b_v4)]

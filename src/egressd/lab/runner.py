@@ -209,6 +209,23 @@ def _start_programs(lab: Lab) -> None:
     _start_control_plane(lab)
     for code in plan.snapshot.data_centers:
         start_pop(lab, code)
+    for site in plan.private_sites:
+        if site.kind == "connector":
+            start_connector(lab, site.name)
+
+
+def start_connector(lab: Lab, site_name: str) -> None:
+    """The office's `egressd tunnel run`, in its namespace, dialling out to the PoPs."""
+    site = next(site for site in lab.plan.private_sites if site.name == site_name)
+    assert site.token is not None
+    token_file = lab.directory / f"connector-{site.name}.token"
+    if not token_file.exists():
+        token_file.touch(mode=0o600)
+        token_file.write_text(site.token + "\n", encoding="utf-8")
+    pops = [arg for code in lab.plan.snapshot.data_centers
+            for arg in ("--pop", f"{code}@{lab.plan.pop_address(code)}:{lab.plan.tunnel_port}")]
+    _spawn(lab, f"p-{site.name}", f"connector-{site.name}.log", *egressd(
+        "tunnel", "run", "--token-file", str(token_file), "--ca", str(lab.pki / "ca.crt"), *pops))
 
 
 def _start_control_plane(lab: Lab) -> None:
@@ -236,6 +253,7 @@ def start_pop(lab: Lab, code: str) -> None:
             "--state-dir", str(lab.directory / f"pop-{code}"), "--pop", code,
             "--listen", f"{address}:{plan.proxy_port}",
             "--device-listen", f"{address}:{plan.device_port}",
+            "--tunnel-listen", f"{address}:{plan.tunnel_port}",
             "--https-listen", f"{address}:{plan.https_port}",
             "--cert", str(lab.pki / f"pop-{code}.crt"), "--key", str(lab.pki / f"pop-{code}.key"),
             "--pki", str(lab.pki), "--backbone-port", str(plan.backbone_port),
@@ -270,6 +288,29 @@ def _wait_ready(lab: Lab) -> None:
     for role, host, port, log_name in waits:
         _wait_listening(lab, role, host, port, log_name, deadline)
     wait_backbone(lab, deadline)
+    for site in plan.private_sites:
+        if site.kind == "connector" and site.connector is not None:
+            wait_connector(lab, site.connector, deadline, log_name=f"connector-{site.name}.log")
+
+
+def connector_pops(lab: Lab, connector: str) -> list[str]:
+    """The PoPs that have `connector` attached now, by their /health."""
+    attached = []
+    for code in lab.plan.snapshot.data_centers:
+        tunnels = (pop_health(lab, code) or {}).get("tunnels", [])
+        if any(isinstance(t, dict) and t.get("connector") == connector for t in tunnels):
+            attached.append(code)
+    return attached
+
+
+def wait_connector(lab: Lab, connector: str, deadline: float, *, links: int = 2, log_name: str = "") -> None:
+    """Until the connector holds its links (two PoPs, or every PoP if fewer)."""
+    wanted = min(links, len(lab.plan.snapshot.data_centers))
+    while len(connector_pops(lab, connector)) < wanted:
+        if time.monotonic() > deadline:
+            raise LabError(f"connector {connector} is not attached to {wanted} PoPs after {READY_WITHIN:g} s; "
+                           f"its log ends:\n{_tail(lab.directory / log_name)}")
+        time.sleep(0.2)
 
 
 def _wait_listening(lab: Lab, role: str, host: str, port: int, log_name: str, deadline: float) -> None:

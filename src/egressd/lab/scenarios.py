@@ -125,13 +125,19 @@ def _url(address: ipaddress.IPv4Address | ipaddress.IPv6Address, path: str = "/t
 
 
 def _observed_pop(lab: Lab, origin: Origin, link: str | None) -> str:
-    """The PoP whose link the origin's packets arrived on."""
+    """Where the origin's packets came from: the PoP whose link they arrived on (for a WAN
+    site, its only link's PoP); for an office behind a connector, the connector itself
+    (the packets come from its own host: `lo`)."""
     if link is None:
         return "?"
     if origin.namespace_role == INTERNET:
         return link
     site = next((p for p in lab.plan.private_sites if f"p-{p.name}" == origin.namespace_role), None)
-    return site.pop if site is not None else link
+    if site is None:
+        return link
+    if site.pop is None:
+        return f"connector {site.connector}" if link == "lo" else f"{link}?"
+    return site.pop
 
 
 def _fill(row: Row, lab: Lab, origin: Origin, answer: dict[str, Any], geofeed: GeofeedIndex) -> None:
@@ -203,7 +209,8 @@ def seed(lab: Lab) -> Result:
     device = Device(lab, f"s-{site.name}", enterprise, site.devices[enterprise], connected)
     echo = next(o for o in plan.origins if o.kind == "echo" and o.namespace_role == INTERNET)
     cdn = next((o for o in plan.origins if o.kind == "in-network"), None)
-    private = next((o for o in plan.origins if o.namespace_role != INTERNET), None)
+    sites_by_role = {f"p-{p.name}": p for p in plan.private_sites}
+    privates = [(o, sites_by_role[o.namespace_role]) for o in plan.origins if o.namespace_role in sites_by_role]
     result = Result()
 
     def http_row(case: str, origin: Origin, family: int, check: Callable[[Row], bool], expected: str,
@@ -246,17 +253,27 @@ def seed(lab: Lab) -> Result:
                  f"leaves {connected} from {primary.ipv6}'s {connected} sub-range, {home_city[primary.id]}")
     result.rows.append(_device_dns_row(lab, device, echo, connected, shared, geofeed))
     result.rows.append(_dns_row(lab, device, echo, connected, shared, geofeed))
-    if private is not None:
-        http_row("private origin over a WAN route (R4)", private, 4,
-                 lambda r: r.source in shared and r.egress_pop == connected,
-                 f"a {connected} shared address, never a dedicated one")
+    dedicated = {str(loc.ipv4) for loc in locations}
+    for private, private_site in privates:
+        if private_site.kind == "wan":
+            http_row("private origin over a WAN route (R4)", private, 4,
+                     lambda r: r.source in shared and r.egress_pop == connected,
+                     f"a {connected} shared address, never a dedicated one")
+        else:
+            office = {str(a.network_address) for a in plan.namespaces[private.namespace_role].loopback}
+            office |= {str(link.a_v4) for link in plan.links if link.a_role == private.namespace_role}
+            http_row("private origin behind a tunnel connector (R4)", private, 4,
+                     lambda r, office=office, via=f"connector {private_site.connector}": r.source in office
+                     and r.source not in dedicated | shared and r.egress_pop == via,
+                     f"the connector's own address ({private_site.connector}), never a dedicated one")
     if free is not None:
         free_device = Device(lab, f"s-{site.name}", free, site.devices[free], connected)
         http_row(f"free account {owner[free].account.id} (R1)", echo, 4,
                  lambda r: r.source in shared and r.egress_pop == connected and r.geolocation == connected_city,
                  f"a {connected} shared address", probe=free_device)
-        if private is not None:
-            row = Row(f"{account}'s private origin, as {owner[free].account.id} (R13)",
+        for private, private_site in privates:
+            kind = "WAN" if private_site.kind == "wan" else "connector"
+            row = Row(f"{account}'s {private_site.name} ({kind}), as {owner[free].account.id} (R13)",
                       f"{private.name} {private.ipv4}", 4, connected, expected="refused by the PoP")
             answer = free_device.http(_url(private.ipv4))
             if answer.get("ok"):
