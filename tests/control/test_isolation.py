@@ -238,6 +238,11 @@ def test_account_endpoints_refuse_other_accounts_and_pops(world: Api, acme: dict
     assert api.version() == version
 
 
+# Endpoints that take another kind of credential than an API token (a connector's token):
+# any API token is unknown there (401), whoever's it is.
+OTHER_CREDENTIALS = {"/v1/tunnel/pops"}
+
+
 def test_lists_and_queries_show_only_the_callers_account(world: Api, acme: dict[str, Any]) -> None:
     api, spec, markers = world, acme["spec"], acme["markers"]
     globex = api.token("account", "globex", name="globex-admin")
@@ -261,7 +266,10 @@ def test_lists_and_queries_show_only_the_callers_account(world: Api, acme: dict[
             response = call(api, "get", path, globex, params=params)
             what = f"GET {path} {params or ''} with globex's token"
             assert response.status_code < 500, what
-            if response.status_code < 300 and not op.get("security"):
+            if path in OTHER_CREDENTIALS:  # not an account's endpoint: the token is the wrong kind
+                assert response.status_code == 401, what
+                assert_no_acme(response, what, markers)
+            elif response.status_code < 300 and not op.get("security"):
                 # Public (the geofeed, health): every address, but no account named.
                 assert "acme" not in response.text.lower(), what
             elif response.status_code < 300:

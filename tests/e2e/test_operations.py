@@ -160,6 +160,7 @@ async def test_egressd_serve_process_serves_and_stops_on_sigterm(egressd_process
     health = await wait_healthy(pop_plain(info))  # start_serve waited for every PoP's /health
     config = health.pop("config")
     version = health.pop("snapshot_version")
+    assert health.pop("tunnels") == []  # no tunnel connector attached (docs/tunnel.md)
     assert health == {"pop": "las", "status": "ok", "active_tunnels": 0}
     # The store's first change (seeding it from the embedded deployment) is version 2.
     assert config["version"] == version >= 2

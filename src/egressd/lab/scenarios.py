@@ -262,9 +262,12 @@ def seed(lab: Lab) -> Result:
         else:
             office = {str(a.network_address) for a in plan.namespaces[private.namespace_role].loopback}
             office |= {str(link.a_v4) for link in plan.links if link.a_role == private.namespace_role}
-            http_row("private origin behind a tunnel connector (R4)", private, 4,
-                     lambda r, office=office, via=f"connector {private_site.connector}": r.source in office
-                     and r.source not in dedicated | shared and r.egress_pop == via,
+
+            def from_the_connector(row: Row, office: set[str] = office,
+                                   via: str = f"connector {private_site.connector}") -> bool:
+                return row.source in office and row.source not in dedicated | shared and row.egress_pop == via
+
+            http_row("private origin behind a tunnel connector (R4)", private, 4, from_the_connector,
                      f"the connector's own address ({private_site.connector}), never a dedicated one")
     if free is not None:
         free_device = Device(lab, f"s-{site.name}", free, site.devices[free], connected)
