@@ -10,10 +10,15 @@ has no names for these, hence the numbers from <linux/in.h> and <linux/in6.h>).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
+
+log = logging.getLogger("egressd.echo")
 
 IP_PKTINFO: Final = 8
 IP_PKTOPTIONS: Final = 9
@@ -75,3 +80,45 @@ def tcp_arrival(sock: Any) -> str | None:
     except OSError:
         return None
     return interface_of(_parse_cmsgs(raw))
+
+
+def serve_udp_with_link(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                        answer: Callable[[bytes, tuple[str, int], str | None], bytes | None],
+                        ) -> tuple[tuple[str, int], Callable[[], None]]:
+    """A UDP server that knows each datagram's arrival interface: asyncio's datagram
+    transport drops ancillary data, so the socket is read here with recvmsg. `answer` gets
+    (datagram, peer, interface) and returns the reply or None. Returns (bound address, close)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(info[0], socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(info[4])
+        enable(sock)
+    except OSError:
+        sock.close()
+        raise
+
+    def readable() -> None:
+        for _ in range(64):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(65535, ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier reply
+                log.debug("udp: %s", exc)
+                return
+            reply = answer(data, (str(addr[0]), int(addr[1])), interface_of(ancillary))
+            if reply is not None:
+                try:
+                    sock.sendto(reply, addr)
+                except OSError as exc:
+                    log.debug("udp reply: %s", exc)
+
+    loop.add_reader(sock.fileno(), readable)
+
+    def close() -> None:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+    name = sock.getsockname()
+    return (str(name[0]), int(name[1])), close

@@ -24,7 +24,6 @@ import errno
 import http
 import ipaddress
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,25 +288,6 @@ class _UdpEcho(asyncio.DatagramProtocol):
         if reply is not None and self._transport is not None:
             self._transport.sendto(reply, addr)
 
-    def readable(self, sock: socket.socket) -> None:
-        """With report_link: asyncio's datagram transport drops ancillary data, so the
-        socket is read here with recvmsg to learn the arrival interface."""
-        for _ in range(64):
-            try:
-                data, ancillary, _flags, addr = sock.recvmsg(65535, arrival.ANCILLARY_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("udp echo: %s", exc)
-                return
-            reply = udp_reply(data, (str(addr[0]), int(addr[1])), self._accept_proxy_v2,
-                              arrival.interface_of(ancillary) or "?")
-            if reply is not None:
-                try:
-                    sock.sendto(reply, addr)
-                except OSError as exc:
-                    log.debug("udp echo reply: %s", exc)
-
     def error_received(self, exc: Exception) -> None:
         log.debug("udp echo: %s", exc)  # ICMP errors for earlier replies: nothing to do
 
@@ -503,32 +483,16 @@ class EchoServer:
     async def _bind_udp(self, host: str, port: int) -> list[_Listener]:
         loop = asyncio.get_running_loop()
         if self.report_link:
-            return self._bind_udp_with_link(loop, host, port)
+            def answer(data: bytes, peer: tuple[str, int], link: str | None) -> bytes | None:
+                return udp_reply(data, peer, self.accept_proxy_v2, link or "?")
+
+            address, close = arrival.serve_udp_with_link(loop, host, port, answer)
+            return [_Listener("udp", address, close)]
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _UdpEcho(self.accept_proxy_v2), local_addr=(host, port)
         )
         sockname = transport.get_extra_info("sockname")
         return [_Listener("udp", (sockname[0], sockname[1]), transport.close)]
-
-    def _bind_udp_with_link(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[_Listener]:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        sock = socket.socket(info[0], socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind(info[4])
-            arrival.enable(sock)
-        except OSError:
-            sock.close()
-            raise
-        protocol = _UdpEcho(self.accept_proxy_v2)
-        loop.add_reader(sock.fileno(), protocol.readable, sock)
-
-        def close() -> None:
-            loop.remove_reader(sock.fileno())
-            sock.close()
-
-        sockname = sock.getsockname()
-        return [_Listener("udp", (sockname[0], sockname[1]), close)]
 
     async def _bind_h3(
         self, host: str, port: int, configuration: QuicConfiguration

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import json
 import signal
-import socket
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -134,39 +131,15 @@ class DnsServer:
             writer.close()
 
 
-def _serve_udp_with_link(loop: asyncio.AbstractEventLoop, server: DnsServer, host: str, port: int) -> Callable[[], None]:
-    """UDP read with recvmsg, to log the arrival interface (asyncio's transport drops it)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind((host, port))
-    arrival.enable(sock)
-
-    def readable() -> None:
-        for _ in range(64):
-            try:
-                wire, ancillary, _flags, addr = sock.recvmsg(65535, arrival.ANCILLARY_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            reply = server.handle(wire, (addr[0], addr[1]), "udp", arrival.interface_of(ancillary))
-            if reply is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendto(reply, addr)
-
-    loop.add_reader(sock.fileno(), readable)
-
-    def close() -> None:
-        loop.remove_reader(sock.fileno())
-        sock.close()
-    return close
-
-
 async def run(zone: Zone, log_path: Path, hosts: list[str], port: int) -> None:
     loop = asyncio.get_running_loop()
     with log_path.open("a", encoding="utf-8") as log:
         server = DnsServer(zone, log)
         closers = []
         for host in hosts:
-            closers.append(_serve_udp_with_link(loop, server, host, port))
+            _bound, close = arrival.serve_udp_with_link(
+                loop, host, port, lambda wire, peer, link: server.handle(wire, peer, "udp", link))
+            closers.append(close)
             tcp = await asyncio.start_server(server.tcp, host, port)
             for sock in tcp.sockets:
                 arrival.enable(sock)
