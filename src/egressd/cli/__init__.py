@@ -21,7 +21,7 @@ app = typer.Typer(
 # Each module defines `register(app)`; a missing optional module must not break the rest.
 _COMMAND_MODULES = ("config_cmd", "echo_cmd", "serve_cmd", "pop_cmd", "control_cmd", "pki_cmd",
                     "accounts_cmd", "network_cmd", "identity_cmd", "policy_cmd", "infra_cmd",
-                    "lab_cmd", "client_cmd", "tunnel_cmd", "dns_cmd")
+                    "lab_cmd", "client_cmd", "tunnel_cmd")
 
 
 def _register_all() -> None:
