@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from egressd.protocols.socks5 import build_udp_datagram, parse_udp_datagram
+from egressd.protocols.socks5 import build_udp_datagram, encode_address, parse_udp_datagram
 
 TIMEOUT = 5.0
 
@@ -51,19 +51,6 @@ def http_probe(proxy: str, credentials: str, url: str) -> dict[str, Any]:
     else:
         result["error"] = response.text.strip()[:300]
     return result
-
-
-def _socks5_address(host: str, port: int) -> bytes:
-    try:
-        packed = socket.inet_pton(socket.AF_INET, host)
-        return b"\x01" + packed + struct.pack("!H", port)
-    except OSError:
-        pass
-    try:
-        return b"\x04" + socket.inet_pton(socket.AF_INET6, host) + struct.pack("!H", port)
-    except OSError:
-        name = host.encode("idna")
-        return b"\x03" + bytes([len(name)]) + name + struct.pack("!H", port)
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -108,7 +95,7 @@ def _socks5_open(proxy: str, credentials: str, command: int, host: str, port: in
         control.sendall(bytes([1, len(name)]) + name + bytes([len(password)]) + password)
         if _read_exactly(control, 2) != b"\x01\x00":
             raise ProbeFailure("SOCKS5 login refused")
-        control.sendall(bytes([5, command, 0]) + _socks5_address(host, port))
+        control.sendall(bytes([5, command, 0]) + encode_address(host, port))
         _version, reply, _reserved = _read_exactly(control, 3)
         bound = _read_bound(control)
         if reply != 0:

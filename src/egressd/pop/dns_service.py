@@ -106,9 +106,7 @@ class DnsService:
             pending = asyncio.ensure_future(self._ask_upstreams(question))
             self._in_flight[flight_key] = pending
             pending.add_done_callback(lambda _: self._in_flight.pop(flight_key, None))
-        resolved = await asyncio.shield(pending)
-        self.cache.put(question.key, resolved.sections, time.monotonic())
-        return resolved
+        return await asyncio.shield(pending)
 
     async def _ask_upstreams(self, question: Question) -> Resolved:
         problems: list[str] = []
@@ -122,6 +120,8 @@ class DnsService:
             if sections.rcode in (dns_wire.SERVFAIL, dns_wire.REFUSED) and index < len(self.upstreams) - 1:
                 problems.append(f"{server}: rcode {sections.rcode}")
                 continue
+            # Stored once, by the one question in flight, not by each asker waiting on it.
+            self.cache.put(question.key, sections, time.monotonic())
             return Resolved(sections, 0, server, source)
         self.counts["upstream_failures"] += 1
         raise UpstreamFailed("; ".join(problems) or "no upstream resolver is configured")

@@ -66,6 +66,7 @@ __all__ = [
     "Socks5StateError",
     "UdpDatagram",
     "build_udp_datagram",
+    "encode_address",
     "parse_udp_datagram",
 ]
 
@@ -244,7 +245,7 @@ def _read_address(buf: bytes | bytearray, offset: int) -> tuple[AddressType, str
     return AddressType.DOMAIN, host, port, end
 
 
-def _encode_address(host: str, port: int) -> bytes:
+def encode_address(host: str, port: int) -> bytes:
     """ATYP ADDR PORT for an IP address string or a domain name."""
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range: {port}")
@@ -337,7 +338,7 @@ class Socks5Server:
         For CONNECT, BND is the upstream socket's local address; for UDP ASSOCIATE it is
         where the client must send its datagrams.
         """
-        encoded = _encode_address(bind_host, bind_port)
+        encoded = encode_address(bind_host, bind_port)
         code = ReplyCode(code)
         self._transition(_In.REPLY_SUCCESS if code is ReplyCode.SUCCEEDED else _In.REPLY_FAILURE)
         return bytes([SOCKS_VERSION, code, 0]) + encoded
@@ -369,7 +370,7 @@ class Socks5Server:
 
     @staticmethod
     def _reply_bytes(code: ReplyCode) -> bytes:
-        return bytes([SOCKS_VERSION, code, 0]) + _encode_address("0.0.0.0", 0)
+        return bytes([SOCKS_VERSION, code, 0]) + encode_address("0.0.0.0", 0)
 
     def _parse_greeting(self) -> Event | None:
         buf = self._buf
@@ -496,4 +497,4 @@ def build_udp_datagram(host: str, port: int, payload: bytes, *, frag: int = 0) -
     """The header and payload of a datagram sent to the client (``host`` as source)."""
     if not 0 <= frag <= 255:
         raise ValueError(f"frag out of range: {frag}")
-    return bytes([0, 0, frag]) + _encode_address(host, port) + payload
+    return bytes([0, 0, frag]) + encode_address(host, port) + payload
