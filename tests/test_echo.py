@@ -550,3 +550,31 @@ def test_cli_rejects_a_bad_geofeed(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["echo", "--geofeed", str(feed)], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "line 2" in result.output
+
+
+async def test_report_link_names_the_interface_packets_arrived_on() -> None:
+    """--report-link (the lab's proof of the egress PoP): link= in /trace over TCP and a third
+    field in UDP replies, read from IP_PKTINFO/IPV6_PKTINFO. On loopback that is `lo`; without
+    the option neither appears."""
+    for report in (True, False):
+        echo = EchoServer(report_link=report)
+        await echo.start(HOSTS, http_port=0, udp_port=0)
+        try:
+            for host, port in echo.http_addresses:
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"GET /trace HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+                body = (await reader.read()).split(b"\r\n\r\n", 1)[1].decode()
+                writer.close()
+                assert ("link=lo" in body.splitlines()) is report, body
+            loop = asyncio.get_running_loop()
+            for host, port in echo.udp_addresses:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (host, port))
+                    await loop.sock_sendall(sock, b"ping")
+                    async with asyncio.timeout(5):
+                        reply = (await loop.sock_recv(sock, 100)).decode().split()
+                assert reply[0] == host and (reply[2:] == ["link=lo"]) is report, reply
+        finally:
+            await echo.close()
