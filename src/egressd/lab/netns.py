@@ -38,16 +38,6 @@ def lab_namespaces(lab: str) -> list[str]:
     return [name for name in names if name.startswith(f"{PREFIX}{lab}-")]
 
 
-def all_labs() -> list[str]:
-    """Names of the labs that have namespaces now."""
-    try:
-        names = os.listdir(NETNS_DIR)
-    except FileNotFoundError:
-        return []
-    labs = {name[len(PREFIX):].rsplit("-", 1)[0] for name in names if name.startswith(PREFIX)}
-    return sorted(labs)
-
-
 def ip(*args: str, namespace: str | None = None, batch: Iterable[str] | None = None) -> str:
     command = ["ip"] + (["-n", namespace] if namespace else []) + list(args)
     text = None

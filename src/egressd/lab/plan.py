@@ -147,12 +147,6 @@ class LabPlan:
         assert address is not None
         return address
 
-    def origin(self, name: str) -> Origin:
-        for origin in self.origins:
-            if origin.name == name:
-                return origin
-        raise KeyError(name)
-
     def hostname(self, origin: str) -> str:
         return f"{origin}.{self.zone}"
 
@@ -244,8 +238,6 @@ def _plan(lab: Mapping[str, Any], snapshot: Snapshot, deployment_text: str, sour
         namespaces[role] = Namespace(role)
 
     links = list(_links(snapshot, sites, private_sites, stretch))
-    for link in links:
-        _connect(namespaces, link)
     _addresses_and_routes(namespaces, links, snapshot, origins, private_sites)
     namespaces[INTERNET].loopback.append(ipaddress.ip_network(control))
     for link in links:  # a site reaches the control plane (enrolment, its account) directly
@@ -371,12 +363,6 @@ def _links(snapshot: Snapshot, sites: tuple[Site, ...], private_sites: tuple[Pri
             yield link(f"p-{private.name}", "inet", INTERNET, f"p-{private.name}", 0.0)
 
 
-def _connect(namespaces: dict[str, Namespace], link: Link) -> None:
-    for role in (link.a_role, link.b_role):
-        if role not in namespaces:
-            namespaces[role] = Namespace(role)
-
-
 def _addresses_and_routes(namespaces: dict[str, Namespace], links: list[Link], snapshot: Snapshot,
                           origins: tuple[Origin, ...], private_sites: tuple[PrivateSite, ...]) -> None:
     def host(address: IPAddress) -> IPNetwork:
@@ -427,13 +413,3 @@ def _addresses_and_routes(namespaces: dict[str, Namespace], links: list[Link], s
         namespaces[f"p-{private.name}"].routes += [
             Route(ipaddress.ip_network("0.0.0.0/0"), "wan", wan.b_v4)]
         namespaces[private.pop].routes.append(Route(private.network, f"wan-{private.name}", wan.a_v4))
-
-
-def stretch_note(plan: LabPlan) -> str:
-    return (f"one-way delay = great-circle km × {plan.stretch:g} (route stretch) / "
-            f"{FIBRE_KM_PER_MS:g} km per ms (light in fibre)")
-
-
-def rtt_table(plan: LabPlan) -> list[tuple[str, str, float]]:
-    """(a, b, round trip ms) of every delayed link, for `lab status`."""
-    return [(link.a_role, link.b_role, 2 * link.delay_ms) for link in plan.links if link.delay_ms > 0]
