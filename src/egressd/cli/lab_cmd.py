@@ -18,12 +18,13 @@ lab = typer.Typer(
     help=(
         "A multi-city lab in network namespaces (needs root and iproute2): one namespace per PoP, "
         "per device site, per private site and one for the Internet side; backbone links delayed "
-        "by the cities' great-circle distance; the real egressd PoPs, echo origins and a lab DNS "
-        "server inside. `egressd lab up && egressd lab run seed && egressd lab down`."
+        "by the cities' great-circle distance; the real egressd programs inside (control plane, "
+        "PoPs, a tunnel connector), echo origins and a lab DNS server. "
+        "`egressd lab up && egressd lab run seed && egressd lab down`; see docs/lab.md."
     ),
 )
 
-NAME = typer.Option("seed", "--name", help="Lab name: its namespaces are egl-NAME-ROLE (1-12 letters/digits).")
+NAME = typer.Option("seed", "--name", help="Lab name: its namespaces are egl-NAME-ROLE (1-12 lowercase letters/digits).")
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -106,7 +107,7 @@ def down_command(name: str = NAME) -> None:
 
 @lab.command("run")
 def run_command(
-    scenario: str = typer.Argument(..., help="Scenario: seed."),
+    scenario: str = typer.Argument(..., help="Scenario: seed (the seed's table; puts back what it changes)."),
     name: str = NAME,
     as_json: bool = typer.Option(False, "--json", help="Rows as JSON lines."),
 ) -> None:
