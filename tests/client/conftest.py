@@ -181,6 +181,8 @@ async def client_status(state: Path, child: Child, within: float = 20.0) -> dict
         with contextlib.suppress(OSError, ValueError):
             status: dict[str, Any] = json.loads(path.read_text())
             if status.get("connected_pop"):
+                # A status naming port 0 would send the test (and a user) nowhere.
+                assert not str(status["listen"]).endswith(":0"), status
                 return status
         await asyncio.sleep(0.05)
     raise AssertionError(f"the client wrote no status: {child.stderr()}")

@@ -183,7 +183,6 @@ def run_client(
                     **attachment.status()}
 
         proxy.status_page = status
-        attachment.on_change = lambda: write_status(directory, status())
         try:
             connected = await attachment.start()
             await proxy.start()
@@ -194,6 +193,8 @@ def run_client(
             await attachment.close()
             _fail(f"cannot listen on {listen}: {error.strerror or error}", EXIT_USAGE)
         signals = SignalWaiter()
+        # Only now: a status written during start() would name the proxy before it listens.
+        attachment.on_change = lambda: write_status(directory, status())
         write_status(directory, status())
         print(f"egressd client: attached to {connected} ({attachment.pops[connected].city}, "
               f"RTT {attachment.rtt_ms.get(connected)} ms); proxy {proxy.host}:{proxy.port} "
