@@ -838,3 +838,46 @@ def test_response_reader_any_bytes(data: bytes) -> None:
                 pass
         except HttpError as error:
             assert error.status == 502
+
+
+def _ipaddress_verdict(host: str) -> str | None:
+    """What normalize_host said for a numeric last label before its regex fast path."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(host.lower()))
+    except ValueError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["0", "1", "9", "00", "01", "10", "25", "255", "256", "300",
+                                 "2550", "."]), max_size=9).map("".join))
+def test_numeric_hosts_are_judged_as_ipaddress_judges_them(host: str) -> None:
+    if host.rstrip(".").rpartition(".")[2].isdigit():  # the last label is numeric
+        assert normalize_host(host) == _ipaddress_verdict(host), host
+
+
+def _fields_line_by_line(section: bytes) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for line in section.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        pairs.append((name, value.strip(b" \t")))
+    return pairs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"Host", b"X-A", b"content-length", b"Via", b"t"]),
+                          st.sampled_from([b"", b" ", b"\t", b"  v", b"v ", b" v w \t", b"a:b",
+                                           b"\x80x", b"1"])), min_size=1, max_size=8))
+def test_a_field_section_is_read_as_line_by_line(fields: list[tuple[bytes, bytes]]) -> None:
+    """The one-pass reading of a section gives the names and OWS-stripped values in order."""
+    section = b"\r\n".join(name + b":" + value for name, value in fields)
+    reader = RequestHeadReader()
+    reader.feed(b"GET http://a/ HTTP/1.1\r\n" + section + b"\r\n\r\n")
+    try:
+        head = reader.next_head()
+    except HttpError:
+        return  # e.g. two Host fields or a bad Content-Length: refused, nothing to compare
+    assert head is not None
+    assert list(head.headers) == _fields_line_by_line(section)

@@ -530,5 +530,5 @@ def _open_flow_log(target: str) -> FlowLog:
     from egressd.pop.flowlog import FlowLog
 
     if target == "off":
-        return FlowLog(open(os.devnull, "w"))
+        return FlowLog.disabled()  # not /dev/null: no record is encoded or written at all
     return FlowLog() if target == "-" else FlowLog.to_path(target)
