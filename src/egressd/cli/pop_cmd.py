@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
+from egressd.cli.runner import SignalWaiter, hold_signals, run, settle_heap, setup_logging
 from egressd.pop.admission import AdmissionLimits
 
 if TYPE_CHECKING:
@@ -452,6 +452,7 @@ async def _serve_pop(
                 ", ".join(str(server) for server, _ in dns_service.upstreams) or "none")
         if stack is not None:
             await stack.start(runtime, state, reuse_port=reuse_port)
+        settle_heap()
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
         if dns_service is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,22 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         asyncio.run(main())
         return
     uvloop.run(main())
+
+
+#: Allocations of container objects between young-generation collections (CPython's
+#: default is 700). A PoP makes a few dozen per flow and keeps almost none of them, so
+#: the default ran a collection every ~20 tunnels (2-3 % of a worker's time).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Once a server has started: move what start-up built (modules, the snapshot, the
+    listeners) out of the collector's sight, and collect the young generation less often.
+    Garbage cycles are still found, just in bigger batches."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 _early: list[int] = []

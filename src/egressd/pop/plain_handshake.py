@@ -43,7 +43,7 @@ from collections.abc import Coroutine
 from typing import Any, Final, Protocol
 
 from egressd.decide import Decision
-from egressd.model.addresses import IPAddress
+from egressd.model.addresses import IPAddress, address_text
 from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.flowlog import FlowRecord
@@ -310,12 +310,14 @@ class PlainHandshake:
         upstream = self.upstream
         if upstream is None or self.state is not State.CONNECTING:
             return
-        self.writing = False
-        self.loop.remove_writer(upstream.fileno())
+        # The writer stays registered until the relay's reader is (`_tunnel`): uvloop drops
+        # an fd's poll handle with its last interest and re-creates it for the next, at six
+        # system calls each way.
         self._cancel_timer()
         assert self.address is not None and self.record is not None
         error = connect_outcome(upstream, self.address, self.record.port or 0)
         if error is not None:
+            self._stop_writing(upstream)
             self._connect_failed(error)
             return
         try:
@@ -328,7 +330,7 @@ class PlainHandshake:
         upstream, record = self.upstream, self.record
         assert upstream is not None and record is not None
         record.decision = decision
-        record.destination = str(self.address)
+        record.destination = address_text(self.address)
         local = upstream.getsockname()
         record.local_address = f"{local[0]}:{local[1]}"
         self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
@@ -392,12 +394,14 @@ class PlainHandshake:
                     sent = self.sock.send(reply)
             if sent < len(reply) or early:
                 # Bytes to send that may have to wait: the coroutine path sends them.
+                self._stop_writing(upstream)
                 io = SocketIO(self.sock)
                 self._detach()
                 self.owner.spawn(self._guarded(start_tunnel(runtime, io, upstream, record, reply[sent:], early)),
                                  self.sock, upstream)
                 return
         except OSError as exc:
+            self._stop_writing(upstream)
             upstream.close()
             record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
             runtime.finish(record)
@@ -406,8 +410,12 @@ class PlainHandshake:
         on_close = tunnel_started(runtime, record)
         self.state = State.DONE
         self.owner.handshakes.discard(self)
-        # The relay's reader on the client socket replaces the handshake's, if any.
-        SpliceRelay(self.loop, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
+        # The relay's reader on the client socket replaces the handshake's, if any; the
+        # connect's writer on the upstream goes only once the relay reads it (see above).
+        try:
+            SpliceRelay(self.loop, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
+        finally:
+            self._stop_writing(upstream)
 
     # --- endings ----------------------------------------------------------------------
 
@@ -434,6 +442,11 @@ class PlainHandshake:
             self.reading = False
             self.loop.remove_reader(self.sock.fileno())
 
+    def _stop_writing(self, upstream: socket.socket) -> None:
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(upstream.fileno())
+
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -451,9 +464,7 @@ class PlainHandshake:
             return
         self._detach()
         if self.upstream is not None:
-            if self.writing:
-                self.writing = False
-                self.loop.remove_writer(self.upstream.fileno())
+            self._stop_writing(self.upstream)
             self.upstream.close()
             self.upstream = None
         self.sock.close()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
+DEFAULT_PIPE_SIZE = 1 << 16  # Linux's, when F_SETPIPE_SZ is refused
 ROUNDS_PER_WAKEUP = 16  # bounded so that one busy tunnel cannot starve the loop
 
 
@@ -112,6 +113,11 @@ class _Direction:
                 self.total += moved
                 if not self._drain(dst_fd):
                     return  # destination full, or failed
+                if moved < (pool.pipe_size or DEFAULT_PIPE_SIZE):
+                    # Less than an empty pipe holds: the socket was drained, and readiness
+                    # is level-triggered, so a splice that would only say EAGAIN is
+                    # skipped (one system call less per message).
+                    break
         except OSError as exc:
             relay.fail(self, exc, reading=False)
             return

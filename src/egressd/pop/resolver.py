@@ -18,7 +18,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from egressd.model.addresses import IPAddress
+from egressd.model.addresses import IPAddress, address_literal
 from egressd.pop.dns_service import DnsService, UpstreamFailed
 from egressd.protocols.dns_wire import read_question, render
 
@@ -46,10 +46,7 @@ class Resolver:
     @staticmethod
     def literal(host: str) -> IPAddress | None:
         """`host` as an address if it is an address literal (no resolution needed)."""
-        try:
-            return ipaddress.ip_address(host)
-        except ValueError:
-            return None
+        return address_literal(host)
 
     async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
         """Every address of `host` (both families), or ResolveError with a readable reason."""

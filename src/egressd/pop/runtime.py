@@ -23,7 +23,7 @@ from typing import Final, Protocol
 from prometheus_client import Counter, Histogram
 
 from egressd.decide import Decision, Flow, HealthView, Path, decide, decide_private_name
-from egressd.model.addresses import IPAddress
+from egressd.model.addresses import IPAddress, address_text
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
@@ -522,7 +522,7 @@ _ANY_V4: Final = ipaddress.IPv4Address(0)
 
 
 def _is_literal(host: str, addresses: tuple[IPAddress, ...]) -> bool:
-    return len(addresses) == 1 and str(addresses[0]) == host.strip("[]").lower()
+    return len(addresses) == 1 and address_text(addresses[0]) == host.strip("[]").lower()
 
 
 def _close_socket(sock: socket.socket) -> None:

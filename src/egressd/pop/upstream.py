@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from egressd.model.addresses import IPAddress
+from egressd.model.addresses import IPAddress, address_text
 
 # Linux values; the socket module has no names for some of them on Python 3.11.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -65,9 +65,8 @@ def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
     """A non-blocking TCP socket bound to `source` with no port yet (R15)."""
     global _port_range_supported
     family = socket.AF_INET if source.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO call
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         if options.local_port_range and _port_range_supported:
@@ -80,7 +79,7 @@ def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
                     raise
                 _port_range_supported = False  # older kernel: IP_BIND_ADDRESS_NO_PORT alone
         _set_freebind(sock, source, options)
-        sock.bind((str(source), 0))
+        sock.bind((address_text(source), 0))
     except OSError as exc:
         sock.close()
         raise UpstreamError(f"cannot bind source address {source}: {exc.strerror}", status=502) from exc
@@ -170,7 +169,7 @@ def start_connect(source: IPAddress, address: IPAddress, port: int,
     from now on) and whether it is already connected; if not, the caller waits until it
     is writable, then calls `connect_outcome`. Raises UpstreamError."""
     sock = make_tcp_socket(source, options)
-    err = sock.connect_ex((str(address), port))
+    err = sock.connect_ex((address_text(address), port))
     if err in (errno.EINPROGRESS, errno.EAGAIN):
         return sock, False
     if err:
