@@ -35,7 +35,6 @@ tunnels (handed back, see DETACHING), and HTTP syntax (the readers know it).
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import socket
 from collections.abc import Callable
@@ -59,6 +58,7 @@ from egressd.protocols.http1 import (
     proxy_auth_required,
     simple_response,
 )
+from egressd.protocols.states import StateEnum
 
 log = logging.getLogger("egressd.pop.http")
 
@@ -70,7 +70,7 @@ BACKLOG_LIMIT: Final = 256 * 1024
 UpstreamKey = tuple[str, str, str, int, int]
 
 
-class State(enum.Enum):
+class State(StateEnum):
     WAIT_HEAD = "wait-head"
     CONNECTING = "connecting"
     EXCHANGE = "exchange"

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import socket
 import time
@@ -75,13 +74,14 @@ from egressd.protocols.socks5 import (
     RequestReceived,
     Socks5Server,
 )
+from egressd.protocols.states import StateEnum
 
 log = logging.getLogger("egressd.pop.handshake")
 
 SOCKS_VERSION: Final = 0x05
 
 
-class State(enum.Enum):
+class State(StateEnum):
     SNIFF = "sniff"
     HTTP_HEAD = "http-head"
     SOCKS = "socks"

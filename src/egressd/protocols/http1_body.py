@@ -35,10 +35,11 @@ What it does not know: sockets, the clock, content codings, or what the trailers
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 from typing import Final, NoReturn
+
+from egressd.protocols.states import StateEnum
 
 __all__ = [
     "CHUNKED",
@@ -149,7 +150,7 @@ def describe_bad_field_line(line: bytes) -> str:
     return "invalid byte in field value (control character, CR or LF)"
 
 
-class BodyKind(enum.Enum):
+class BodyKind(StateEnum):
     """How the end of a message body is found (RFC 9112 §6.3)."""
 
     NONE = "none"
@@ -184,7 +185,7 @@ CHUNKED: Final = BodyFraming(BodyKind.CHUNKED)
 UNTIL_CLOSE: Final = BodyFraming(BodyKind.UNTIL_CLOSE)
 
 
-class BodyState(enum.Enum):
+class BodyState(StateEnum):
     FIXED = "fixed"
     CHUNK_SIZE = "chunk-size"
     CHUNK_DATA = "chunk-data"
