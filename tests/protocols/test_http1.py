@@ -881,3 +881,14 @@ def test_a_field_section_is_read_as_line_by_line(fields: list[tuple[bytes, bytes
         return  # e.g. two Host fields or a bad Content-Length: refused, nothing to compare
     assert head is not None
     assert list(head.headers) == _fields_line_by_line(section)
+
+
+def test_the_longest_valid_authority_parses_and_longer_ones_are_refused() -> None:
+    from egressd.protocols.http1 import parse_authority
+
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 bytes, the most DNS allows
+    longest = name + ".:65535"
+    assert len(longest) == 260
+    assert parse_authority(longest, default_port=None) == (name + ".", 65535)
+    assert parse_authority(name + "e.:65535", default_port=None) is None  # a 254-byte name
+    assert parse_authority("[" + "0:" * 200 + ":1]:80", default_port=80) is None

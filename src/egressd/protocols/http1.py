@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -141,6 +142,10 @@ def _parse_port(text: str) -> int | None:
     return port if port <= 65535 else None
 
 
+#: No valid authority is longer: a 253-byte name, its trailing dot and ":65535".
+_MAX_AUTHORITY: Final = 260
+
+
 def parse_authority(authority: str, *, default_port: int | None) -> tuple[str, int] | None:
     """``host[:port]`` -> (normalized host, port), or None if invalid.
 
@@ -148,6 +153,13 @@ def parse_authority(authority: str, *, default_port: int | None) -> tuple[str, i
     zone identifiers and IPvFuture are refused. ``default_port=None`` makes the port
     mandatory (CONNECT). Ports are 1-65535 written without sign or leading zeros.
     """
+    if len(authority) > _MAX_AUTHORITY:
+        return None  # also keeps the cache below small
+    return _parse_authority(authority, default_port)
+
+
+@functools.lru_cache(maxsize=4096)  # pure; the same few authorities come again and again
+def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int] | None:
     if authority.startswith("["):
         close = authority.find("]")
         literal, rest = authority[1:close], authority[close + 1 :]
@@ -394,7 +406,7 @@ def _check_via(via: str) -> None:
 def _forwarded_fields(
     headers: Headers, connection_tokens: frozenset[str], content_length: int | None
 ) -> list[bytes]:
-    drop = _HOP_BY_HOP | {token.encode("ascii") for token in connection_tokens}
+    drop = _HOP_BY_HOP | {token.encode("ascii") for token in connection_tokens} if connection_tokens else _HOP_BY_HOP
     out: list[bytes] = []
     length_written = False
     for name, value in headers:

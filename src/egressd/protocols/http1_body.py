@@ -381,8 +381,13 @@ def _list_items(values: list[bytes]) -> list[bytes]:
     return [item.strip(b" \t") for value in values for item in value.split(b",")]
 
 
+_NO_TOKENS: Final[frozenset[str]] = frozenset()
+
+
 def parse_connection_tokens(values: list[bytes], status: int) -> frozenset[str]:
     """Lower-cased Connection options; a framing field among them is an error."""
+    if not values:
+        return _NO_TOKENS
     tokens = set()
     for item in _list_items(values):
         if not item:
