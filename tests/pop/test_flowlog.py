@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 
+import pytest
+
 from egressd.pop.flowlog import FlowLog, FlowRecord
 
 
@@ -61,13 +63,14 @@ async def test_a_burst_is_written_in_bounded_batches_and_close_writes_the_rest()
     assert stream.closed_by_log
 
 
-async def test_a_failing_stream_loses_the_lines_with_an_error_not_the_flow(caplog: object) -> None:
+async def test_a_failing_stream_loses_the_lines_with_an_error_not_the_flow(
+        caplog: pytest.LogCaptureFixture) -> None:
     stream = io.StringIO()
     stream.close()
     log = FlowLog(stream)
     log.write(record(1))
     await asyncio.sleep(0)  # the flush fails: logged, nothing raised into the loop
-    assert "1 lines lost" in str(getattr(caplog, "text"))
+    assert "1 lines lost" in caplog.text
 
 
 def test_off_encodes_nothing() -> None:

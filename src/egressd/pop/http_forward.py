@@ -41,7 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
-from egressd.pop.flowlog import FlowRecord
+from egressd.pop.http_answers import (
+    failure_response,
+    log_auth_failure,
+    protocol_error_response,
+    start_record,
+)
+from egressd.pop.http_exchange import Exchange, KeptUpstream
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
@@ -51,7 +57,6 @@ from egressd.protocols.http1 import (
     RequestHead,
     RequestHeadReader,
     ResponseHead,
-    ResponseHeadReader,
     error_response,
     forward_head,
     forward_response_head,
@@ -65,9 +70,6 @@ log = logging.getLogger("egressd.pop.http")
 #: Client bytes held ahead of the exchange (a body while connecting, pipelined requests)
 #: before the client stops being read.
 BACKLOG_LIMIT: Final = 256 * 1024
-
-#: (account, user, host, port, snapshot version): what a kept upstream may be reused for.
-UpstreamKey = tuple[str, str, str, int, int]
 
 
 class State(StateEnum):
@@ -97,45 +99,6 @@ _PAUSE_DETACH: Final = 4
 _WRITABLE: Final = frozenset({_S.WAIT_HEAD, _S.CONNECTING, _S.EXCHANGE})
 
 
-# --- shared with the coroutine path (http_proxy) ---------------------------------------
-
-
-def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], head: RequestHead) -> None:
-    """Count and log (one flow record) a request with missing or wrong credentials."""
-    runtime.metrics.auth_failures.labels(runtime.code, "http").inc()
-    record = runtime.new_record("tcp", peer)
-    record.destination, record.port, record.outcome = head.host, head.port, "auth-failed"
-    record.error = "missing proxy credentials" if head.proxy_credentials is None else (
-        f"wrong credentials for device {head.proxy_credentials[0]!r}")
-    runtime.finish(record)
-
-
-def start_record(runtime: PopRuntime, peer: tuple[str, int], identity: Identity) -> FlowRecord:
-    record = runtime.new_record("tcp", peer)
-    record.account, record.user, record.device = identity.account, identity.user, identity.device
-    return record
-
-
-def failure_response(record: FlowRecord, exc: FlowRefused | UpstreamError) -> bytes:
-    """The 403 (refused by the decision, with its rule) or 502/504 answer; fills the record."""
-    if isinstance(exc, FlowRefused):
-        record.outcome, record.error = "refused", exc.decision.reason
-        body = f"egressd: flow refused ({exc.decision.rule}): {exc.decision.reason}\n"
-        return simple_response(403, "Forbidden", body.encode(),
-                               headers=[("X-Egressd-Rule", exc.decision.rule)])
-    record.outcome, record.error = "upstream-error", exc.reason
-    reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
-    return simple_response(exc.status, reason, f"egressd: {exc.reason}\n".encode())
-
-
-def protocol_error_response(record: FlowRecord, error: HttpError) -> bytes:
-    """The answer to a bad request body (400...) or a bad upstream response (502)."""
-    record.outcome, record.error = "protocol-error", error.reason
-    if error.status == 502:
-        return simple_response(502, "Bad Gateway", f"egressd: {error.reason}\n".encode())
-    return error_response(error)
-
-
 # --- the forwarding protocol -----------------------------------------------------------
 
 
@@ -149,67 +112,6 @@ class Detached:
     head: RequestHead
 
 
-class _Upstream(asyncio.Protocol):
-    """One upstream connection, kept between the requests of one client connection."""
-
-    def __init__(self, owner: ForwardProxyProtocol, key: UpstreamKey, opened: FlowRecord) -> None:
-        self.owner = owner
-        self.key = key
-        self.opened = opened  # the record of the request that opened it: decision, source
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.reusable = True  # False once it sent bytes that belong to no response
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            self.transport.close()
-
-    def set_reading(self, reading: bool) -> None:
-        if not self.closed and self.transport is not None:
-            (self.transport.resume_reading if reading else self.transport.pause_reading)()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.owner.upstream_data(self, data)
-
-    def eof_received(self) -> bool:
-        return False  # close: connection_lost(None) tells the owner
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.owner.upstream_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self.owner.upstream_writable(self, False)
-
-    def resume_writing(self) -> None:
-        self.owner.upstream_writable(self, True)
-
-
-class _Exchange:
-    """One request and its response."""
-
-    __slots__ = ("close_client", "head", "key", "record", "request_body", "request_done",
-                 "response", "response_body", "response_reader", "upstream")
-
-    def __init__(self, head: RequestHead, record: FlowRecord, key: UpstreamKey) -> None:
-        self.head, self.record, self.key = head, record, key
-        self.upstream: _Upstream | None = None
-        self.request_body: BodyTracker | None = None
-        self.request_done = not head.body.has_body
-        self.response_reader = ResponseHeadReader(head.method)
-        self.response: ResponseHead | None = None  # the final head, once forwarded
-        self.response_body: BodyTracker | None = None
-        self.close_client = not head.keep_alive
-
-
 class ForwardProxyProtocol(asyncio.Protocol):
     """Owns a plain client connection that carries absolute-form requests (module doc)."""
 
@@ -220,8 +122,8 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.first_head: RequestHead | None = first_head
         self.transport: asyncio.Transport | None = None
         self.state = State.WAIT_HEAD
-        self.exchange: _Exchange | None = None
-        self.upstream: _Upstream | None = None
+        self.exchange: Exchange | None = None
+        self.upstream: KeptUpstream | None = None
         self.backlog = bytearray()
         self.head_pending = False  # bytes of a request head are buffered in the reader
         self.client_eof = self.drain_requested = self.transport_lost = False
@@ -466,7 +368,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
         record = start_record(runtime, self.peer, identity)
         record.destination = head.host
         key = (identity.account, identity.user, head.host, head.port, snapshot.version)
-        exchange = _Exchange(head, record, key)
+        exchange = Exchange(head, record, key)
         self.exchange = exchange
         rest = self.reader.remainder()
         if rest:
@@ -486,9 +388,9 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.opening = self.loop.create_task(self._open(exchange, identity))
         self.opening.add_done_callback(self._opened)
 
-    async def _open(self, exchange: _Exchange, identity: Identity) -> None:
+    async def _open(self, exchange: Exchange, identity: Identity) -> None:
         head = exchange.head
-        upstream = _Upstream(self, exchange.key, exchange.record)
+        upstream = KeptUpstream(self, exchange.key, exchange.record)
         sock: socket.socket | None = None
         try:
             sock = await self.runtime.open_tcp(identity, head.host, head.port, exchange.record)
@@ -520,7 +422,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
             self.abort("internal-error")
         self._maybe_done()
 
-    def _begin(self, exchange: _Exchange, upstream: _Upstream) -> None:
+    def _begin(self, exchange: Exchange, upstream: KeptUpstream) -> None:
         self._goto(State.EXCHANGE)
         self.active = True
         if self.timer is None:  # the first request: nothing armed the timer yet
@@ -553,7 +455,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
 
     # -- responses ----------------------------------------------------------------------
 
-    def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
+    def upstream_data(self, upstream: KeptUpstream, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None or exchange.upstream is not upstream or self.state is not State.EXCHANGE:
             # Bytes from an idle kept upstream belong to no request: it is out of step.
@@ -567,7 +469,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
         else:
             self._guarded(self._response_body_data, exchange, upstream, data)
 
-    def _response_head_data(self, exchange: _Exchange, upstream: _Upstream, data: bytes) -> None:
+    def _response_head_data(self, exchange: Exchange, upstream: KeptUpstream, data: bytes) -> None:
         reader = exchange.response_reader
         reader.feed(data)
         via = self.runtime.options.via
@@ -587,7 +489,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
         exchange.close_client = close
         self._response_body_data(exchange, upstream, reader.remainder(), response, b"".join(out))
 
-    def _response_body_data(self, exchange: _Exchange, upstream: _Upstream, data: bytes,
+    def _response_body_data(self, exchange: Exchange, upstream: KeptUpstream, data: bytes,
                             final: ResponseHead | None = None, head: bytes = b"") -> None:
         tracker = exchange.response_body
         assert tracker is not None
@@ -605,7 +507,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
                 upstream.reusable = False  # bytes past the response: out of step
             self._finish_exchange(exchange)
 
-    def upstream_lost(self, upstream: _Upstream, exc: Exception | None) -> None:
+    def upstream_lost(self, upstream: KeptUpstream, exc: Exception | None) -> None:
         if upstream is not self.upstream:
             return  # one this connection dropped already
         self.upstream = None
@@ -623,11 +525,11 @@ class ForwardProxyProtocol(asyncio.Protocol):
             if self.exchange is exchange:
                 self._finish_exchange(exchange)
 
-    def upstream_writable(self, upstream: _Upstream, writable: bool) -> None:
+    def upstream_writable(self, upstream: KeptUpstream, writable: bool) -> None:
         if upstream is self.upstream:
             (self._resume if writable else self._pause)(_PAUSE_UPSTREAM_FULL)
 
-    def _finish_exchange(self, exchange: _Exchange) -> None:
+    def _finish_exchange(self, exchange: Exchange) -> None:
         self.exchange = None
         record = exchange.record
         record.closed_by = "client" if not exchange.head.keep_alive else None

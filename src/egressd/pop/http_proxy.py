@@ -28,14 +28,13 @@ from egressd.pop.doh import MAX_BODY as DOH_MAX_BODY
 from egressd.pop.doh import PATH as DOH_PATH
 from egressd.pop.doh import serve_doh
 from egressd.pop.flowlog import FlowRecord
-from egressd.pop.http_forward import (
-    Detached,
-    ForwardProxyProtocol,
+from egressd.pop.http_answers import (
     failure_response,
     log_auth_failure,
     protocol_error_response,
     start_record,
 )
+from egressd.pop.http_forward import Detached, ForwardProxyProtocol
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError

@@ -46,7 +46,7 @@ from egressd.model.addresses import IPAddress, address_text
 from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.flowlog import FlowRecord
-from egressd.pop.http_forward import failure_response, start_record
+from egressd.pop.http_answers import failure_response, start_record
 from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
 from egressd.pop.runtime import FlowRefused, PopRuntime

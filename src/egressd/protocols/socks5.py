@@ -48,7 +48,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Final
 
-from egressd.protocols.http1 import normalize_host
+from egressd.protocols.authority import normalize_host
 from egressd.protocols.http1_body import ProtocolError
 from egressd.protocols.states import StateEnum
 
