@@ -78,9 +78,16 @@ async def make_world(egressd_process: Start, tmp_path: Path, *extra: str) -> Asy
     zone = Zone("lab.egressd.test", {NAME: ["127.0.0.1"], "*.echo.lab.egressd.test": ["127.0.0.1"]})
     upstream_log = io.StringIO()
     server = DnsServer(zone, upstream_log)
-    transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(server), local_addr=("127.0.0.1", 0))
-    upstream_port = transport.get_extra_info("sockname")[1]
-    tcp = await asyncio.start_server(server.tcp, "127.0.0.1", upstream_port)
+    for _attempt in range(50):  # the UDP port's number may be taken for TCP (a connection's)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(server), local_addr=("127.0.0.1", 0))
+        upstream_port = transport.get_extra_info("sockname")[1]
+        try:
+            tcp = await asyncio.start_server(server.tcp, "127.0.0.1", upstream_port)
+            break
+        except OSError:
+            transport.close()
+    else:
+        raise RuntimeError("no port free for both UDP and TCP")
     pki = tmp_path / "pki"
     cert = ensure_server_cert(pki, "pop", ["localhost"], ["127.0.0.1"], ensure_ca(pki))
     dns_port = free_udp_tcp_port()
