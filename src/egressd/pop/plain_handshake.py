@@ -1,7 +1,7 @@
 """The handshake of a plain connection (HTTP CONNECT or SOCKS5 CONNECT), driven by callbacks.
 
 The plain listener hands every accepted socket to a `PlainHandshake`. It reads with one
-reader registration, parses with the sans-I/O machines (`RequestHeadReader`,
+reader registration on the PoP's `Poller` (`pop/poller.py`), parses with the sans-I/O machines (`RequestHeadReader`,
 `Socks5Server`), answers the small handshake replies with a non-blocking send, and
 connects upstream. When that is done it hands the (client, upstream) pair to a
 `SpliceRelay`, whose reader replaces the handshake's on the client socket. A tunnel to an
@@ -142,7 +142,7 @@ class PlainHandshake:
         self._on_readable()
         if self.state in _READING and not self.reading:
             self.reading = True
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self.runtime.poller.add_reader(self.sock.fileno(), self._on_readable)
 
     # --- reading the request ----------------------------------------------------------
 
@@ -303,16 +303,15 @@ class PlainHandshake:
             self._connected(decision)
             return
         self.writing = True
-        self.loop.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
+        runtime.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
         self.timer = self.loop.call_later(runtime.options.connect_timeout, self._on_timeout)
 
     def _on_upstream_writable(self, decision: Decision) -> None:
         upstream = self.upstream
         if upstream is None or self.state is not State.CONNECTING:
             return
-        # The writer stays registered until the relay's reader is (`_tunnel`): uvloop drops
-        # an fd's poll handle with its last interest and re-creates it for the next, at six
-        # system calls each way.
+        # The writer stays registered until the relay's reader is (`_tunnel`): an fd with no
+        # interest left is removed from the poller, and would be added again.
         self._cancel_timer()
         assert self.address is not None and self.record is not None
         error = connect_outcome(upstream, self.address, self.record.port or 0)
@@ -413,7 +412,7 @@ class PlainHandshake:
         # The relay's reader on the client socket replaces the handshake's, if any; the
         # connect's writer on the upstream goes only once the relay reads it (see above).
         try:
-            SpliceRelay(self.loop, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
+            SpliceRelay(runtime.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
         finally:
             self._stop_writing(upstream)
 
@@ -440,12 +439,12 @@ class PlainHandshake:
     def _stop_reading(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.sock.fileno())
+            self.runtime.poller.remove_reader(self.sock.fileno())
 
     def _stop_writing(self, upstream: socket.socket) -> None:
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(upstream.fileno())
+            self.runtime.poller.remove_writer(upstream.fileno())
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -9,8 +9,9 @@ is full, the direction stops reading (backpressure) and waits until it is writab
 one side half-closes the other (`shutdown(SHUT_WR)`); the tunnel ends when both
 directions have ended, on an error, on the idle timeout or on the lifetime limit.
 
-There is no task per tunnel: the relay is callbacks on the event loop, so an established
-tunnel costs a few hundred bytes of Python objects besides its two sockets.
+There is no task per tunnel: the relay is readiness callbacks (on the PoP's `Poller`, or
+on the event loop), so an established tunnel costs a few hundred bytes of Python objects
+besides its two sockets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -72,6 +74,19 @@ class PipePool:
         self._free.clear()
 
 
+class Readiness(Protocol):
+    """Where a relay registers its readiness callbacks: the PoP's `Poller`, or an event loop
+    (the same four methods)."""
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> object: ...
+
+    def remove_reader(self, fd: int) -> bool: ...
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> object: ...
+
+    def remove_writer(self, fd: int) -> bool: ...
+
+
 class _Direction:
     __slots__ = ("done", "dst", "in_pipe", "pipe", "reading", "relay", "src", "total", "writing")
 
@@ -88,7 +103,7 @@ class _Direction:
 
     def start(self) -> None:
         self.reading = True
-        self.relay.loop.add_reader(self.src.fileno(), self.on_readable)
+        self.relay.readiness.add_reader(self.src.fileno(), self.on_readable)
 
     def on_readable(self) -> None:
         relay = self.relay
@@ -139,12 +154,12 @@ class _Direction:
         return True
 
     def _pause_for_writable(self) -> None:
-        loop = self.relay.loop
+        readiness = self.relay.readiness
         if self.reading:
-            loop.remove_reader(self.src.fileno())
+            readiness.remove_reader(self.src.fileno())
             self.reading = False
         if not self.writing:
-            loop.add_writer(self.dst.fileno(), self.on_writable)
+            readiness.add_writer(self.dst.fileno(), self.on_writable)
             self.writing = True
 
     def on_writable(self) -> None:
@@ -154,7 +169,7 @@ class _Direction:
         except OSError as exc:
             self.relay.fail(self, exc, reading=False)
             return
-        self.relay.loop.remove_writer(self.dst.fileno())
+        self.relay.readiness.remove_writer(self.dst.fileno())
         self.writing = False
         if self.pipe is not None:
             self.relay.pool.give(self.pipe)
@@ -163,12 +178,12 @@ class _Direction:
             self._finish()
         else:
             self.reading = True
-            self.relay.loop.add_reader(self.src.fileno(), self.on_readable)
+            self.relay.readiness.add_reader(self.src.fileno(), self.on_readable)
 
     def _source_ended(self) -> None:
         self.done = True
         if self.reading:
-            self.relay.loop.remove_reader(self.src.fileno())
+            self.relay.readiness.remove_reader(self.src.fileno())
             self.reading = False
         if self.in_pipe == 0:
             self._finish()
@@ -183,12 +198,12 @@ class _Direction:
         self.relay.direction_ended(self)
 
     def stop(self) -> None:
-        loop = self.relay.loop
+        readiness = self.relay.readiness
         if self.reading:
-            loop.remove_reader(self.src.fileno())
+            readiness.remove_reader(self.src.fileno())
             self.reading = False
         if self.writing:
-            loop.remove_writer(self.dst.fileno())
+            readiness.remove_writer(self.dst.fileno())
             self.writing = False
         if self.pipe is not None:
             # A pipe with bytes still inside cannot be reused: close it.
@@ -203,19 +218,19 @@ class _Direction:
 class SpliceRelay:
     """Relays a client socket and an upstream socket until both directions end."""
 
-    __slots__ = ("client", "down", "ended_by", "last_activity", "loop", "on_close", "pool",
+    __slots__ = ("client", "down", "ended_by", "last_activity", "on_close", "pool", "readiness",
                  "registry", "started", "up", "upstream")
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        readiness: Readiness,
         pool: PipePool,
         client: socket.socket,
         upstream: socket.socket,
         on_close: Callable[[RelayResult], None],
         registry: RelayRegistry,
     ) -> None:
-        self.loop = loop
+        self.readiness = readiness
         self.pool = pool
         self.client = client
         self.upstream = upstream

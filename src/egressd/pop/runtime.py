@@ -31,6 +31,7 @@ from egressd.pop.dns_service import DnsService
 from egressd.pop.flowlog import FlowLog, FlowRecord
 from egressd.pop.identity import Identity, authenticate
 from egressd.pop.metrics import PopMetrics
+from egressd.pop.poller import Poller
 from egressd.pop.relay import PipePool, RelayRegistry
 from egressd.pop.resolver import ResolveError, Resolver
 from egressd.pop.upstream import (
@@ -197,6 +198,7 @@ class PopRuntime:
         self.metrics = metrics
         self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
         self.pipes = PipePool()
+        self._poller: Poller | None = None
         self.draining = False
         self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
         self._tunnel_hints: dict[str, str] = {}  # connector -> peer PoP that last had it
@@ -211,6 +213,19 @@ class PopRuntime:
         self.flows_per_source = SourceCounter(limits.max_flows_per_source)
         self.flows_per_account = SourceCounter(limits.max_flows_per_account)
         self._refusals = metrics.admission_refused
+
+    @property
+    def poller(self) -> Poller:
+        """The readiness set of plain handshakes and splice relays (made on first use, on
+        the running loop)."""
+        if self._poller is None:
+            self._poller = Poller(asyncio.get_running_loop())
+        return self._poller
+
+    def close_poller(self) -> None:
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
     def refuse(self, reason: str) -> None:
         """Count an admission refusal (handshake, flow or authentication cap)."""

@@ -49,6 +49,7 @@ class PopServer:
                 await listener.close()
             raise
         self._sweeper = asyncio.ensure_future(self.runtime.relays.run_sweeper())
+        _ = self.runtime.poller  # made now, with the listeners: not by the first flow
         for listener in self.listeners:
             log.info("PoP %s listening on %s", self.runtime.code, listener.url)
 
@@ -79,6 +80,7 @@ class PopServer:
                 await self._sweeper
             self._sweeper = None
         self.runtime.pipes.close()
+        self.runtime.close_poller()
 
 
 async def drain_all(servers: Sequence[PopServer], grace_seconds: float) -> None:

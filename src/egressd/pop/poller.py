@@ -1,0 +1,147 @@
+"""An epoll set of the PoP's own for the descriptors of plain handshakes and splice relays.
+
+Why not the event loop's `add_reader`: uvloop gives every descriptor a libuv poll handle,
+created with its first interest and dropped with its last. Creating one checks the
+descriptor (`epoll_ctl` ADD and DEL) and sets it non-blocking (`ioctl`); dropping one
+removes it three times; each change goes through an `io_uring` submission. A tunnel
+registers two descriptors and changes one, so ~19 system calls and two Cython handle
+objects of every tunnel went to bookkeeping. Here a descriptor costs one `epoll_ctl` to
+add, one to change and one to remove; the loop watches this set's own descriptor, and one
+`epoll_wait` per wake-up collects the ready descriptors of every tunnel at once.
+
+Theory of operation. Readiness is level-triggered, as with the loop: a callback that
+leaves bytes unread is called again on the next turn. The interface is the loop's
+(`add_reader(fd, callback, *args)`, `remove_reader(fd)`, the same for writers), so a relay
+can run on either. A descriptor removed while a batch of events is being dispatched gets
+no further callback from that batch: its number may already belong to a new socket.
+Callback errors are reported to the loop's exception handler, like the loop's own.
+
+What it does not know: sockets (it sees descriptor numbers), timers, and who owns what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+from collections.abc import Callable
+from typing import Any, Final
+
+_READ: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+#: Events taken per wake-up; the rest are level-triggered and come on the next turn.
+_MAX_EVENTS: Final = 1024
+
+Callback = tuple[Callable[..., object], tuple[Any, ...]]
+
+
+class _Interest:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self) -> None:
+        self.reader: Callback | None = None
+        self.writer: Callback | None = None
+
+    @property
+    def mask(self) -> int:
+        return (select.EPOLLIN if self.reader else 0) | (select.EPOLLOUT if self.writer else 0)
+
+
+class Poller:
+    """Readiness callbacks for many descriptors through one loop registration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._interests: dict[int, _Interest] = {}
+        self._removed: set[int] = set()  # during a dispatch: skip their remaining events
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def __len__(self) -> int:
+        return len(self._interests)
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        interest = self._interests.get(fd)
+        if interest is None:
+            interest = _Interest()
+        before = interest.mask
+        interest.reader = (callback, args)
+        self._apply(fd, interest, before)
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        interest = self._interests.get(fd)
+        if interest is None:
+            interest = _Interest()
+        before = interest.mask
+        interest.writer = (callback, args)
+        self._apply(fd, interest, before)
+
+    def remove_reader(self, fd: int) -> bool:
+        interest = self._interests.get(fd)
+        if interest is None or interest.reader is None:
+            return False
+        before = interest.mask
+        interest.reader = None
+        self._apply(fd, interest, before)
+        return True
+
+    def remove_writer(self, fd: int) -> bool:
+        interest = self._interests.get(fd)
+        if interest is None or interest.writer is None:
+            return False
+        before = interest.mask
+        interest.writer = None
+        self._apply(fd, interest, before)
+        return True
+
+    def close(self) -> None:
+        self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._interests.clear()
+
+    def _apply(self, fd: int, interest: _Interest, before: int) -> None:
+        mask = interest.mask
+        if mask == before:
+            return
+        if not mask:
+            del self._interests[fd]
+            self._removed.add(fd)
+            with contextlib.suppress(OSError):  # already closed: epoll forgot it itself
+                self._epoll.unregister(fd)
+            return
+        if before:
+            try:
+                self._epoll.modify(fd, mask)
+                return
+            except FileNotFoundError:  # closed without removal, number reused: register
+                pass
+        try:
+            self._epoll.register(fd, mask)
+        except FileExistsError:  # registered through a duplicate that is still open
+            self._epoll.modify(fd, mask)
+        self._interests[fd] = interest
+        self._removed.discard(fd)
+
+    def _dispatch(self) -> None:
+        self._removed.clear()
+        interests, removed = self._interests, self._removed
+        for fd, events in self._epoll.poll(0, _MAX_EVENTS):
+            if fd in removed:
+                continue
+            interest = interests.get(fd)
+            if interest is None:
+                continue
+            if events & _READ and interest.reader is not None:
+                self._run(interest.reader)
+                if fd in removed:
+                    continue
+            if events & _WRITE and interest.writer is not None:
+                self._run(interest.writer)
+
+    def _run(self, callback: Callback) -> None:
+        function, args = callback
+        try:
+            function(*args)
+        except Exception as exc:  # as the loop does for its own callbacks
+            self.loop.call_exception_handler(
+                {"message": f"exception in readiness callback {function!r}", "exception": exc})
