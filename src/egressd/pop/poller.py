@@ -119,8 +119,9 @@ class Poller:
             self._epoll.register(fd, mask)
         except FileExistsError:  # registered through a duplicate that is still open
             self._epoll.modify(fd, mask)
+        # Not taken out of `_removed`: events of the batch being dispatched were for the
+        # file that had this number before (a spurious EPOLLOUT would look like a connect).
         self._interests[fd] = interest
-        self._removed.discard(fd)
 
     def _dispatch(self) -> None:
         self._removed.clear()
