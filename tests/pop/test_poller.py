@@ -144,3 +144,48 @@ async def test_close_unregisters_from_the_loop(pair: tuple[socket.socket, socket
     b.send(b"x")
     await asyncio.sleep(0.01)
     assert calls == []
+
+
+class CountingPoller(Poller):
+    batches = 0
+
+    def _dispatch(self) -> None:
+        self.batches += 1
+        super()._dispatch()
+
+
+async def test_a_number_reused_within_a_batch_gets_none_of_that_batch_s_events() -> None:
+    """The old file's readiness must not reach the new one: a spurious EPOLLOUT on a socket
+    still connecting would read as a finished connect."""
+    poller = CountingPoller(asyncio.get_running_loop())
+    first, first_peer = socket.socketpair()
+    doomed, doomed_peer = socket.socketpair()
+    number = doomed.fileno()
+    made: list[socket.socket] = []
+    seen: list[tuple[str, int]] = []
+
+    def on_first() -> None:
+        seen.append(("first", poller.batches))
+        first.recv(1)
+        poller.remove_writer(number)
+        doomed.close()
+        for sock in socket.socketpair():  # the lowest free number: the doomed socket's
+            made.append(sock)
+        reused = next(sock for sock in made if sock.fileno() == number)
+        poller.add_writer(reused.fileno(), lambda: seen.append(("writer", poller.batches)))
+
+    try:
+        poller.add_reader(first.fileno(), on_first)
+        first_peer.send(b"1")  # ready first, so dispatched first
+        # Writable at once, so in the same batch, after `first`: its EPOLLOUT is the stale
+        # event the reused number must not get.
+        poller.add_writer(number, lambda: seen.append(("doomed", poller.batches)))
+        await asyncio.sleep(0.02)
+        assert seen[0][0] == "first"
+        assert ("doomed", seen[0][1]) not in seen
+        writer_batches = [batch for name, batch in seen if name == "writer"]
+        assert writer_batches and min(writer_batches) > seen[0][1]
+    finally:
+        for sock in (first, first_peer, doomed, doomed_peer, *made):
+            sock.close()
+        poller.close()
