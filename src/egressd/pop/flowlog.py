@@ -6,7 +6,6 @@ byte counts) and written once, when the flow ends, by `FlowLog.write`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from egressd.decide import Decision
+
+log = logging.getLogger("egressd.flowlog")
 
 
 @dataclass(slots=True)
@@ -76,23 +77,20 @@ class FlowRecord:
 
 #: Built once: `json.dumps` with options makes a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-#: Lines held before a write even within one event-loop turn.
-_MAX_PENDING = 256
 
 
 class FlowLog:
-    """Writes flow records as JSON lines to a file (or stderr).
+    """Writes flow records as JSON lines to a file (or stderr), flushed per line.
 
-    Lines of one event-loop turn go out in one write and one flush at the end of the turn
-    (a write per flow cost a system call per flow): a line is written within the turn
-    that ended its flow, and outside a running loop at once.
+    Per line, not batched per event-loop turn: a line is on disk before the flow's answer
+    leaves (the DNS service logs a query, then sends its answer), so whoever saw the
+    answer finds the line. Batching saved nothing measurable (benchmarks/README.md).
     """
 
     def __init__(self, stream: IO[str] | None = None, *, enabled: bool = True) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.written = 0
-        self._pending: list[str] = []
         # Also handed each record (the shipper to the control plane's live feed).
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
 
@@ -106,29 +104,14 @@ class FlowLog:
             return
         data = record.as_json()
         if self.enabled:
-            pending = self._pending
-            pending.append(_ENCODER.encode(data))
-            self.written += 1
-            if len(pending) == 1:
-                try:
-                    asyncio.get_running_loop().call_soon(self.flush)
-                except RuntimeError:  # no loop running: write now
-                    self.flush()
-            elif len(pending) >= _MAX_PENDING:
-                self.flush()
+            try:
+                self._stream.write(_ENCODER.encode(data) + "\n")
+                self._stream.flush()
+                self.written += 1
+            except (OSError, ValueError) as exc:  # a full disk, a closed stream: not the flow's problem
+                log.error("flow log: a line is lost: %s", exc)
         for sink in self.sinks:
             sink(data)
-
-    def flush(self) -> None:
-        """Write and flush the lines held so far."""
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        try:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
-        except (OSError, ValueError) as exc:  # a full disk or a closed stream: never the flow's problem
-            logging.getLogger("egressd.flowlog").error("flow log: %d lines lost: %s", len(lines), exc)
 
     @classmethod
     def to_path(cls, path: str) -> FlowLog:
@@ -137,6 +120,5 @@ class FlowLog:
         return cls(os.fdopen(descriptor, "a", encoding="utf-8", buffering=1))
 
     def close(self) -> None:
-        self.flush()
         if self._stream not in (sys.stderr, sys.stdout):
             self._stream.close()
