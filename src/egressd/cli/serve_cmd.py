@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from egressd.cli.runner import SignalWaiter, hold_signals, run, setup_logging
+from egressd.cli.runner import SignalWaiter, hold_signals, run, settle_heap, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +41,7 @@ def serve(
             console.print(f"[red]egressd serve: cannot start: {exc}[/red] (is another 'egressd serve' running? try --port-base)")
             raise typer.Exit(1) from exc
         signals = SignalWaiter()  # before the ready line: a SIGTERM right after it is handled
+        settle_heap()
         if json_only:
             print(json.dumps(redacted(info)), flush=True)  # secrets: serve.json, curlrc files
         else:

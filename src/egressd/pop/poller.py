@@ -61,43 +61,39 @@ class Poller:
         return len(self._interests)
 
     def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
-        interest = self._interests.get(fd)
-        if interest is None:
-            interest = _Interest()
-        before = interest.mask
-        interest.reader = (callback, args)
-        self._apply(fd, interest, before)
+        self._set(fd, True, (callback, args))
 
     def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
-        interest = self._interests.get(fd)
-        if interest is None:
-            interest = _Interest()
-        before = interest.mask
-        interest.writer = (callback, args)
-        self._apply(fd, interest, before)
+        self._set(fd, False, (callback, args))
 
     def remove_reader(self, fd: int) -> bool:
-        interest = self._interests.get(fd)
-        if interest is None or interest.reader is None:
-            return False
-        before = interest.mask
-        interest.reader = None
-        self._apply(fd, interest, before)
-        return True
+        return self._set(fd, True, None)
 
     def remove_writer(self, fd: int) -> bool:
-        interest = self._interests.get(fd)
-        if interest is None or interest.writer is None:
-            return False
-        before = interest.mask
-        interest.writer = None
-        self._apply(fd, interest, before)
-        return True
+        return self._set(fd, False, None)
 
     def close(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
         self._interests.clear()
+
+    def _set(self, fd: int, reading: bool, callback: Callback | None) -> bool:
+        """Set (or with None, clear) the reader or writer of `fd`; False if there was
+        nothing to clear."""
+        interest = self._interests.get(fd)
+        if interest is None:
+            if callback is None:
+                return False
+            interest = _Interest()
+        if callback is None and (interest.reader if reading else interest.writer) is None:
+            return False
+        before = interest.mask
+        if reading:
+            interest.reader = callback
+        else:
+            interest.writer = callback
+        self._apply(fd, interest, before)
+        return True
 
     def _apply(self, fd: int, interest: _Interest, before: int) -> None:
         mask = interest.mask
