@@ -320,7 +320,8 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 async def refuses_connections(address: tuple[str, int]) -> bool:
     try:
         _reader, writer = await open_tcp(address)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the listener closed with this connection still in its accept queue.
         return True
     await close_writer(writer)
     return False
