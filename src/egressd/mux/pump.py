@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from egressd.mux.errors import MuxError, PumpError, Side
 from egressd.mux.link import MuxStream
 
-__all__ = ["pump"]
+__all__ = ["carry", "pump", "reset_close"]
+
+log = logging.getLogger("egressd.mux")
 
 CHUNK: Final = 256 * 1024
 _T = TypeVar("_T")
@@ -86,6 +90,33 @@ async def pump(stream: MuxStream, sock: socket.socket,
             stream.reset()
         raise PumpError(failure.side, failure.error, counts[0], counts[1]) from failure.error
     return counts[0], counts[1]
+
+
+async def carry(stream: MuxStream, sock: socket.socket, *, what: str) -> None:
+    """Pump `stream` and `sock` (one end of a socket pair) until done; then release the
+    stream and close the socket: cleanly after a clean end, with a reset when the link is
+    lost or the flow is cancelled (the relay on the pair's other end must see an error, not
+    a clean end). `what` names the flow and link in the log line."""
+    try:
+        await pump(stream, sock)
+    except MuxError as error:
+        log.info("%s lost: %s", what, error)
+        reset_close(sock)
+        return
+    except asyncio.CancelledError:
+        stream.reset()
+        reset_close(sock)
+        raise
+    finally:
+        stream.release()
+    sock.close()
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with a TCP-style reset where the socket type allows it (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 class _Failed(Exception):

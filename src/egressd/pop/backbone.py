@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from egressd.mux import (
     StreamRefused,
     pump,
 )
+from egressd.mux.pump import carry
 from egressd.pop.background import BackgroundTask
 from egressd.pop.runtime import FlowHeader, PopRuntime, StateHolder, TunnelFlow
 from egressd.pop.upstream import UpstreamError
@@ -104,14 +104,6 @@ class BackboneSocket(socket.socket):
     egress_local: str | None = None
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with a TCP-style reset where the socket type allows it: the relay on the other
-    end of the pair sees an error, not a clean end, when the link is lost."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 class MuxBackbone:
     """The connected PoP's side of the backbone: implements `runtime.Backbone`."""
 
@@ -151,7 +143,7 @@ class MuxBackbone:
         ours.egress_local = stream.response_headers.get("egressd-local")
         ours.setblocking(False)
         theirs.setblocking(False)
-        task = asyncio.create_task(self._carry(egress_pop, header, stream, theirs))
+        task = asyncio.create_task(carry(stream, theirs, what=f"flow {header.flow_id}: backbone link to {egress_pop}"))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
         return ours
@@ -177,24 +169,10 @@ class MuxBackbone:
         header = FlowHeader(flow_id=flow.flow_id, account=flow.account,
                             source_address=ipaddress.IPv4Address(0),
                             destination=ipaddress.IPv4Address(0), port=flow.port, protocol="tcp")
-        task = asyncio.create_task(self._carry(pop, header, stream, theirs))
+        task = asyncio.create_task(carry(stream, theirs, what=f"flow {header.flow_id}: backbone link to {pop}"))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
         return ours
-
-    async def _carry(self, pop: str, header: FlowHeader, stream: MuxStream,
-                     sock: socket.socket) -> None:
-        try:
-            await pump(stream, sock)
-        except MuxError as error:
-            log.info("flow %s: backbone link to %s lost: %s", header.flow_id, pop, error)
-            _reset(sock)
-            return
-        except asyncio.CancelledError:
-            stream.reset()
-            _reset(sock)
-            raise
-        sock.close()
 
     async def follow(self, snapshot: Snapshot, port: int) -> None:
         """Peers come and go with the configuration: new data centers are dialled, links to

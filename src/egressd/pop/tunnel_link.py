@@ -24,16 +24,16 @@ import ipaddress
 import logging
 import socket
 import ssl
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from egressd.model.addresses import IPNetwork
 from egressd.model.routes import Connector
-from egressd.mux import MuxError, MuxStream, StreamRefused, pump
+from egressd.mux import MuxError, MuxStream, StreamRefused
 from egressd.mux.client import connect_request
 from egressd.mux.link import Link
+from egressd.mux.pump import carry
 from egressd.mux.reverse import ReverseListener
 from egressd.pop.runtime import PopRuntime, TunnelFlow
 from egressd.pop.tunnel_routes import check_announcement
@@ -321,32 +321,9 @@ class TunnelServer:
         ours.egress_local = stream.response_headers.get("egressd-local")
         ours.setblocking(False)
         theirs.setblocking(False)
-        self._spawn(self._carry(connector, flow, stream, theirs), f"tunnel flow {flow.flow_id}")
+        self._spawn(carry(stream, theirs, what=f"flow {flow.flow_id}: link to connector {connector}"),
+                    f"tunnel flow {flow.flow_id}")
         return ours
-
-    @staticmethod
-    async def _carry(connector: str, flow: TunnelFlow, stream: MuxStream,
-                     sock: socket.socket) -> None:
-        try:
-            await pump(stream, sock)
-        except MuxError as error:
-            log.info("flow %s: link to connector %s lost: %s", flow.flow_id, connector, error)
-            _reset(sock)
-            return
-        except asyncio.CancelledError:
-            stream.reset()
-            _reset(sock)
-            raise
-        finally:
-            stream.release()
-        sock.close()
-
-
-def _reset(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
 
 async def _send_verdict(hello: MuxStream, verdict: Verdict) -> None:
     """Write the verdict; a refusal also ends the stream and gives the connector a moment
