@@ -53,3 +53,28 @@ def test_a_sink_gets_the_record_with_the_log_off() -> None:
     log.sinks.append(seen.append)
     log.write(record(7))
     assert [entry["flow_id"] for entry in seen] == ["t-7"]
+
+
+def test_the_cli_s_off_is_the_disabled_log_not_a_log_to_dev_null() -> None:
+    """`egressd pop --flow-log off` once encoded every record and wrote it to /dev/null."""
+    from egressd.cli.pop_cmd import _open_flow_log
+
+    log = _open_flow_log("off")
+    assert not log.enabled
+    log.write(record(1))
+    assert log.written == 0
+
+
+def test_settle_heap_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
+    import gc
+
+    from egressd.cli.runner import GC_YOUNG_THRESHOLD, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
