@@ -6,6 +6,11 @@ then prints one JSON line per figure: egressd's median, its ratio to direct and 
 peer, the target from the issue and whether it was met. The harness checks on every
 measurement that the origin saw the PoP's shared address (127.0.0.2).
 
+Unless `--no-floor`, the run also measures `floor_proxy.py` (the least a Python proxy can
+do per tunnel and per request; no authentication, validation or decision), as the target
+`floor`: `ratio_to_floor` says how much of the way from Python's floor egressd is. The
+floor is not a peer: no goal is judged against it.
+
     python benchmarks/proxy.py                 # full run, about 15 min on 2 cores
     python benchmarks/proxy.py --quick         # about 3 min, for a look
 """
@@ -50,11 +55,20 @@ def run_harness(args: argparse.Namespace, summary: Path) -> None:
             "--extra", f"egressd={command}", "--extra-proxy", "egressd=http://bench:bench-secret@127.0.0.1:{port}",
             "--extra", f"egressd-socks={command}",
             "--extra-proxy", "egressd-socks=socks5://bench:bench-secret@127.0.0.1:{port}",
+            *floor_extra(args),
             "--json-summary", str(summary), "--out", str(args.out)]
     if args.quick:
         argv += ["--reps", "1", "--duration", "1.5", "--bulk-max-seconds", "2", "--idle-count", "2000"]
     print("running:", " ".join(argv), file=sys.stderr)
     subprocess.run(argv, check=True, stdout=sys.stderr)
+
+
+def floor_extra(args: argparse.Namespace) -> list[str]:
+    if not args.floor:
+        return []
+    command = (f"{sys.executable} {HERE / 'floor_proxy.py'} --listen 127.0.0.1:{{port}} "
+               f"--source {{source_ip}} --workers {args.workers}")
+    return ["--extra", f"floor={command}"]
 
 
 def figures(summary: dict, target: str) -> dict:  # type: ignore[type-arg]
@@ -64,7 +78,9 @@ def figures(summary: dict, target: str) -> dict:  # type: ignore[type-arg]
 def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
     lines = []
     direct = figures(summary, "direct")
-    peers = [name for name in summary["targets"] if name not in ("direct", "egressd", "egressd-socks")]
+    peers = [name for name in summary["targets"]
+             if name not in ("direct", "egressd", "egressd-socks", "floor")]
+    floor = figures(summary, "floor")
     for test, figure, target, against, goal in TARGETS:
         mine = figures(summary, target).get(test, {})
         value = mine.get("median") if figure != "lat_p50_ms" else mine.get("lat_p50_ms")
@@ -88,6 +104,9 @@ def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
             if other:
                 ratios[peer] = round(value / other, 3)
         line["ratio_to_peer"] = ratios
+        floor_figure = floor.get(test, {}).get("median" if figure != "lat_p50_ms" else "lat_p50_ms")
+        if floor_figure and figure != "rss_per_tunnel_kib" and not test.startswith("bulk"):
+            line["ratio_to_floor"] = round(value / floor_figure, 3)
         if figure == "rss_per_tunnel_kib":
             line["goal"], line["met"] = f"<= {goal} KiB", value <= goal  # type: ignore[operator]
         elif figure == "lat_p50_ms":
@@ -108,7 +127,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repetition, short loads")
     parser.add_argument("--peers", default=PEERS, help=f"comma-separated peers (default {PEERS})")
-    parser.add_argument("--workers", type=int, default=2, help="egressd worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="egressd (and floor) worker processes (default 2)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="do not measure floor_proxy.py, the Python floor")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "egressd-bench")
     parser.add_argument("--summary", type=Path, help="read an existing summary.json instead of running")
     args = parser.parse_args()

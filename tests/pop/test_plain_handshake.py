@@ -108,3 +108,19 @@ def test_connect_to_a_name_awaits_in_a_task_of_the_listener(run: Run) -> None:
         assert spawned == ["PlainHandshake._open_tcp"]
         assert await settle(lambda: not pop.listener.tasks and len(pop.runtime.relays) == 0)
     run(body)
+
+
+def test_accepted_connections_have_nodelay_and_are_non_blocking(run: Run) -> None:
+    """The listener sets TCP_NODELAY once, for the connections it accepts to inherit, and
+    makes each socket from the accepted descriptor itself: both checked on a handshake."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        _reader, writer = await asyncio.open_connection(*pop.address)
+        writer.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")  # half a head: the handshake waits
+        assert await settle(lambda: len(pop.listener.handshakes) == 1)
+        (handshake,) = pop.listener.handshakes
+        sock = handshake.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getblocking() is False and sock.family == socket.AF_INET
+        assert handshake.peer == writer.get_extra_info("sockname")[:2]
+        writer.close()
+    run(body)

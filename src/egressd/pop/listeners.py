@@ -49,6 +49,8 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it from the listener (Linux): no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -103,19 +105,26 @@ class Listener:
         return f"{'https' if self.spec.tls else 'http'}://{host}:{self.address[1]}"
 
     def _on_acceptable(self) -> None:
-        if self.sock is None or self.loop is None:
+        listener, loop = self.sock, self.loop
+        if listener is None or loop is None:
             return
-        loop, sniff = self.loop, self.spec.socks5
+        sniff = self.spec.socks5
+        family = listener.family
         cap = self.runtime.options.limits.max_handshakes_per_source
+        per_source = self.handshakes.per_source
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                conn, peer = self.sock.accept()
+                # `_accept` (the C method that `socket.accept` wraps) and a socket made
+                # from the number: `accept` would re-read the family and type through
+                # enum conversions on every connection.
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:  # EMFILE and friends: log, keep the listener
                 log.warning("accept on %s failed: %s", self.url, exc)
                 return
-            if cap and self.handshakes.per_source[peer[0]] >= cap:
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            if cap and per_source[peer[0]] >= cap:
                 # A source with this many unfinished requests is stalling us: close at
                 # once, before the connection costs a buffer or a timer (slowloris).
                 self.runtime.refuse("handshakes-per-source")
@@ -123,7 +132,6 @@ class Listener:
                 continue
             try:
                 conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # the client is already gone
                 conn.close()
                 continue

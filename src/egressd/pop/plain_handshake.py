@@ -34,7 +34,6 @@ syntax (the readers know it), decisions (`PopRuntime`), and sockets upstream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -111,13 +110,14 @@ class PlainHandshake:
     """One accepted plain connection until it is a tunnel, a coroutine's, or closed."""
 
     __slots__ = ("address", "connect_started", "head_reader", "identity", "loop", "owner", "peer",
-                 "reading", "record", "reply", "runtime", "sniff", "sock", "socks", "state",
+                 "poller", "reading", "record", "reply", "runtime", "sniff", "sock", "socks", "state",
                  "timer", "upstream", "writing")
 
     def __init__(self, owner: HandshakeOwner, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  peer: tuple[str, int], *, sniff: bool) -> None:
         self.owner = owner
         self.runtime = owner.runtime
+        self.poller = owner.runtime.poller
         self.loop = loop
         self.sock = sock
         self.peer = peer
@@ -142,7 +142,7 @@ class PlainHandshake:
         self._on_readable()
         if self.state in _READING and not self.reading:
             self.reading = True
-            self.runtime.poller.add_reader(self.sock.fileno(), self._on_readable)
+            self.poller.add_reader(self.sock.fileno(), self._on_readable)
 
     # --- reading the request ----------------------------------------------------------
 
@@ -303,7 +303,7 @@ class PlainHandshake:
             self._connected(decision)
             return
         self.writing = True
-        runtime.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
+        self.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
         self.timer = self.loop.call_later(runtime.options.connect_timeout, self._on_timeout)
 
     def _on_upstream_writable(self, decision: Decision) -> None:
@@ -389,8 +389,10 @@ class PlainHandshake:
         sent = 0
         try:
             if not early:
-                with contextlib.suppress(BlockingIOError):
+                try:  # noqa: SIM105 (suppress() is three calls: hot path)
                     sent = self.sock.send(reply)
+                except BlockingIOError:
+                    pass
             if sent < len(reply) or early:
                 # Bytes to send that may have to wait: the coroutine path sends them.
                 self._stop_writing(upstream)
@@ -412,7 +414,7 @@ class PlainHandshake:
         # The relay's reader on the client socket replaces the handshake's, if any; the
         # connect's writer on the upstream goes only once the relay reads it (see above).
         try:
-            SpliceRelay(runtime.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
+            SpliceRelay(self.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
         finally:
             self._stop_writing(upstream)
 
@@ -439,12 +441,12 @@ class PlainHandshake:
     def _stop_reading(self) -> None:
         if self.reading:
             self.reading = False
-            self.runtime.poller.remove_reader(self.sock.fileno())
+            self.poller.remove_reader(self.sock.fileno())
 
     def _stop_writing(self, upstream: socket.socket) -> None:
         if self.writing:
             self.writing = False
-            self.runtime.poller.remove_writer(upstream.fileno())
+            self.poller.remove_writer(upstream.fileno())
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

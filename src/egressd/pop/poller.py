@@ -22,7 +22,6 @@ What it does not know: sockets (it sees descriptor numbers), timers, and who own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
 from collections.abc import Callable
 from typing import Any, Final
@@ -36,15 +35,12 @@ Callback = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class _Interest:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("mask", "reader", "writer")
 
     def __init__(self) -> None:
         self.reader: Callback | None = None
         self.writer: Callback | None = None
-
-    @property
-    def mask(self) -> int:
-        return (select.EPOLLIN if self.reader else 0) | (select.EPOLLOUT if self.writer else 0)
+        self.mask = 0  # what epoll has: EPOLLIN if a reader, EPOLLOUT if a writer
 
 
 class Poller:
@@ -61,63 +57,68 @@ class Poller:
         return len(self._interests)
 
     def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
-        self._set(fd, True, (callback, args))
+        self._set(fd, select.EPOLLIN, (callback, args))
 
     def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
-        self._set(fd, False, (callback, args))
+        self._set(fd, select.EPOLLOUT, (callback, args))
 
     def remove_reader(self, fd: int) -> bool:
-        return self._set(fd, True, None)
+        return self._set(fd, select.EPOLLIN, None)
 
     def remove_writer(self, fd: int) -> bool:
-        return self._set(fd, False, None)
+        return self._set(fd, select.EPOLLOUT, None)
 
     def close(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
         self._interests.clear()
 
-    def _set(self, fd: int, reading: bool, callback: Callback | None) -> bool:
-        """Set (or with None, clear) the reader or writer of `fd`; False if there was
-        nothing to clear."""
+    def _set(self, fd: int, bit: int, callback: Callback | None) -> bool:
+        """Set (or with None, clear) the reader (`bit` EPOLLIN) or writer (EPOLLOUT) of
+        `fd`, and tell epoll if that changes the mask; False if there was nothing to
+        clear. One function with no helpers: it runs several times per tunnel."""
         interest = self._interests.get(fd)
         if interest is None:
             if callback is None:
                 return False
             interest = _Interest()
-        if callback is None and (interest.reader if reading else interest.writer) is None:
-            return False
         before = interest.mask
-        if reading:
+        if callback is None:
+            if not before & bit:
+                return False
+            mask = before & ~bit
+        else:
+            mask = before | bit
+        if bit == select.EPOLLIN:
             interest.reader = callback
         else:
             interest.writer = callback
-        self._apply(fd, interest, before)
-        return True
-
-    def _apply(self, fd: int, interest: _Interest, before: int) -> None:
-        mask = interest.mask
         if mask == before:
-            return
+            return True
+        interest.mask = mask
+        epoll = self._epoll
         if not mask:
             del self._interests[fd]
             self._removed.add(fd)
-            with contextlib.suppress(OSError):  # already closed: epoll forgot it itself
-                self._epoll.unregister(fd)
-            return
+            try:  # noqa: SIM105 (suppress() is three calls: hot path)
+                epoll.unregister(fd)
+            except OSError:  # already closed: epoll forgot it itself
+                pass
+            return True
         if before:
             try:
-                self._epoll.modify(fd, mask)
-                return
+                epoll.modify(fd, mask)
+                return True
             except FileNotFoundError:  # closed without removal, number reused: register
                 pass
         try:
-            self._epoll.register(fd, mask)
+            epoll.register(fd, mask)
         except FileExistsError:  # registered through a duplicate that is still open
-            self._epoll.modify(fd, mask)
+            epoll.modify(fd, mask)
         # Not taken out of `_removed`: events of the batch being dispatched were for the
         # file that had this number before (a spurious EPOLLOUT would look like a connect).
         self._interests[fd] = interest
+        return True
 
     def _dispatch(self) -> None:
         self._removed.clear()
@@ -128,17 +129,23 @@ class Poller:
             interest = interests.get(fd)
             if interest is None:
                 continue
-            if events & _READ and interest.reader is not None:
-                self._run(interest.reader)
+            # The callbacks are called inline (no helper per event): a tunnel has several.
+            callback = interest.reader
+            if events & _READ and callback is not None:
+                try:
+                    callback[0](*callback[1])
+                except Exception as exc:
+                    self._report(callback, exc)
                 if fd in removed:
                     continue
-            if events & _WRITE and interest.writer is not None:
-                self._run(interest.writer)
+            callback = interest.writer
+            if events & _WRITE and callback is not None:
+                try:
+                    callback[0](*callback[1])
+                except Exception as exc:
+                    self._report(callback, exc)
 
-    def _run(self, callback: Callback) -> None:
-        function, args = callback
-        try:
-            function(*args)
-        except Exception as exc:  # as the loop does for its own callbacks
-            self.loop.call_exception_handler(
-                {"message": f"exception in readiness callback {function!r}", "exception": exc})
+    def _report(self, callback: Callback, exc: Exception) -> None:
+        """A callback failed: to the loop's exception handler, as the loop does for its own."""
+        self.loop.call_exception_handler(
+            {"message": f"exception in readiness callback {callback[0]!r}", "exception": exc})

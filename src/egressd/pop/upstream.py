@@ -15,6 +15,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import TypeVar
 
 from egressd.model.addresses import IPAddress, address_text
@@ -64,7 +65,7 @@ _port_range_supported = True
 def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
     """A non-blocking TCP socket bound to `source` with no port yet (R15)."""
     global _port_range_supported
-    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    family = socket.AF_INET if isinstance(source, IPv4Address) else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO call
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,10 +102,12 @@ def make_udp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
 
 
 def _set_freebind(sock: socket.socket, source: IPAddress, options: SocketOptions) -> None:
-    if source.version == 6 and options.freebind_ipv6:
+    # isinstance, not `.version`: that is a Python property, and this runs per connection.
+    if isinstance(source, IPv4Address):
+        if options.freebind_ipv4:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+    elif options.freebind_ipv6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-    elif source.version == 4 and options.freebind_ipv4:
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
 
 
 def bound_address(upstream: socket.socket) -> tuple[str, int]:
