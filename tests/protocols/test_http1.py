@@ -892,3 +892,45 @@ def test_the_longest_valid_authority_parses_and_longer_ones_are_refused() -> Non
     assert parse_authority(longest, default_port=None) == (name + ".", 65535)
     assert parse_authority(name + "e.:65535", default_port=None) is None  # a 254-byte name
     assert parse_authority("[" + "0:" * 200 + ":1]:80", default_port=80) is None
+
+
+# --- memos: a repeated head is parsed and rewritten once --------------------------------
+
+
+def test_a_repeated_small_head_is_parsed_once_and_shared() -> None:
+    raw = b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\nConnection: x-y\r\nX-Y: 1\r\n\r\n"
+    first, again = parse(raw), parse(raw)
+    assert again is first  # frozen: sharing it is safe
+    assert forward_head(again, "egressd") is forward_head(first, "egressd")
+    # The rewrite depends on its arguments too, not only on the head.
+    assert forward_head(first, "other") != forward_head(first, "egressd")
+    assert forward_head(first, "egressd", connection_close=True).endswith(b"Connection: close\r\n\r\n")
+    assert not forward_head(first, "egressd").endswith(b"Connection: close\r\n\r\n")
+    assert b"x-y" not in forward_head(first, "egressd").lower()
+
+
+def test_a_large_head_is_parsed_each_time_and_bad_heads_fail_each_time() -> None:
+    large = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n"
+    assert parse(large) is not parse(large)
+    assert parse(large) == parse(large)
+    bad = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nHost: other.example\r\n\r\n"
+    assert rejected(bad).reason == rejected(bad).reason == "more than one Host header"
+
+
+def test_response_heads_are_memoized_per_request_method() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nKeep-Alive: timeout=5\r\n\r\n"
+
+    def response(method: str) -> ResponseHead:
+        reader = ResponseHeadReader(method)
+        reader.feed(raw)
+        head = reader.next_head()
+        assert head is not None
+        return head
+
+    assert response("GET") is response("GET")
+    assert response("GET").body.length == 3
+    assert response("HEAD").body is NO_BODY  # the same bytes frame differently after HEAD
+    out = forward_response_head(response("GET"), "egressd")
+    assert out is forward_response_head(response("GET"), "egressd")
+    assert b"keep-alive" not in out.lower() and out.endswith(b"Via: 1.1 egressd\r\n\r\n")
+    assert forward_response_head(response("GET"), "egressd", close=True).endswith(b"Connection: close\r\n\r\n")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ class RequestHeadReader(HeadBuffer):
             taken = self._take_head()
             if taken is None:
                 return None
-            head = _parse_request(*taken)
+            head = _parse_request_memo(*taken)
         except HttpError as error:
             self._error = error
             raise
@@ -210,6 +211,71 @@ class RequestHeadReader(HeadBuffer):
     def remainder(self) -> bytes:
         self._blocked = False
         return super().remainder()
+
+
+# --- memos: a device repeats itself ------------------------------------------------------
+#
+# Parsing and rewriting a head are pure functions of its bytes, and heads repeat: a device
+# sends the same CONNECT to the same host again and again, and the same request on a
+# keep-alive connection; an origin's response heads differ in little but Date. So heads up
+# to `_MEMO_HEAD_BYTES` are parsed once and their results (frozen: safe to share) reused;
+# a head that fails is parsed again each time (exceptions are not remembered). The memos
+# are bounded, in entries and in bytes per entry: a client sending distinct heads only
+# churns them.
+
+_MEMO_HEAD_BYTES: Final = 2048
+_MEMO_ENTRIES: Final = 512
+
+
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+def _parse_request_cached(start_line: bytes, section: bytes) -> RequestHead:
+    return _parse_request(start_line, section)
+
+
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+def _parse_response_cached(start_line: bytes, section: bytes, method: str) -> ResponseHead:
+    return _parse_response(start_line, section, method)
+
+
+def _parse_request_memo(start_line: bytes, section: bytes) -> RequestHead:
+    if len(start_line) + len(section) <= _MEMO_HEAD_BYTES:
+        return _parse_request_cached(start_line, section)
+    return _parse_request(start_line, section)
+
+
+def _parse_response_memo(start_line: bytes, section: bytes, method: str) -> ResponseHead:
+    if len(start_line) + len(section) <= _MEMO_HEAD_BYTES:
+        return _parse_response_cached(start_line, section, method)
+    return _parse_response(start_line, section, method)
+
+
+class _RewriteMemo:
+    """Rewritten heads by the identity of the parsed head they came from (a memoized parse
+    returns the same object for the same bytes). Each entry keeps its head alive, so an
+    identity cannot be reused while it is a key."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[object, str, bool, bytes]] = {}
+
+    def get(self, head: object, via: str, flag: bool) -> bytes | None:
+        entry = self._entries.get(id(head))
+        if entry is not None and entry[0] is head and entry[1] == via and entry[2] is flag:
+            return entry[3]
+        return None
+
+    def put(self, head: object, via: str, flag: bool, out: bytes) -> bytes:
+        if len(out) > _MEMO_HEAD_BYTES:  # a large head is not kept alive for a memo
+            return out
+        if len(self._entries) >= _MEMO_ENTRIES:
+            self._entries.clear()
+        self._entries[id(head)] = (head, via, flag, out)
+        return out
+
+
+_forwarded_requests = _RewriteMemo()
+_forwarded_responses = _RewriteMemo()
 
 
 def _describe_bad_request_line(line: bytes) -> str:
@@ -349,6 +415,8 @@ def forward_head(head: RequestHead, via: str, *, connection_close: bool = False)
     once in canonical form; ``Via: <received version> <via>`` appended; and
     ``Connection: close`` if asked. The body, if any, follows verbatim.
     """
+    if (done := _forwarded_requests.get(head, via, connection_close)) is not None:
+        return done
     if head.is_connect or head.is_origin_form:
         raise ValueError("only absolute-form requests are forwarded")
     _check_via(via)
@@ -359,7 +427,7 @@ def forward_head(head: RequestHead, via: str, *, connection_close: bool = False)
     if connection_close:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return _forwarded_requests.put(head, via, connection_close, b"".join(out))
 
 
 # --- responses -------------------------------------------------------------------------
@@ -421,7 +489,7 @@ class ResponseHeadReader(HeadBuffer):
             taken = self._take_head()
             if taken is None:
                 return None
-            head = _parse_response(*taken, self._request_method)
+            head = _parse_response_memo(*taken, self._request_method)
         except HttpError as error:
             self._error = error
             raise
@@ -479,6 +547,8 @@ def forward_response_head(head: ResponseHead, via: str, *, close: bool = False) 
     ``Connection: close`` is added to a final head when ``close`` is set or the body is
     delimited by the upstream closing (the device's connection must then close too).
     """
+    if (done := _forwarded_responses.get(head, via, close)) is not None:
+        return done
     _check_via(via)
     out = [f"HTTP/1.1 {head.status} {head.reason}\r\n".encode("latin-1")]
     out += _forwarded_fields(head.headers, head.connection_tokens, head.content_length)
@@ -486,7 +556,7 @@ def forward_response_head(head: ResponseHead, via: str, *, close: bool = False) 
     if not head.is_interim and (close or head.body.kind is BodyKind.UNTIL_CLOSE):
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return _forwarded_responses.put(head, via, close, b"".join(out))
 
 
 # --- responses made by the proxy -------------------------------------------------------
