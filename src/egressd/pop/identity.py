@@ -37,5 +37,36 @@ def authenticate(snapshot: Snapshot, credentials: tuple[str, str] | None) -> Ide
     return Identity(account=account_id, user=device.user, device=device.id)
 
 
+class CredentialMemo:
+    """The identities of credentials accepted under the snapshot in force, so that a device
+    that reconnects (or sends its next request) costs a dict lookup, not a SHA-256.
+
+    Only accepted credentials are kept: anything else takes the full constant-time check.
+    A lookup compares the candidate's randomized hash first, so it reveals nothing about a
+    secret that is not already known. Any new snapshot (a device revoked, a secret
+    rotated) empties the memo; it is bounded, and emptied when full.
+    """
+
+    __slots__ = ("_known", "_size", "_snapshot")
+
+    def __init__(self, size: int = 4096) -> None:
+        self._snapshot: Snapshot | None = None
+        self._known: dict[tuple[str, str], Identity] = {}
+        self._size = size
+
+    def authenticate(self, snapshot: Snapshot, credentials: tuple[str, str]) -> Identity | None:
+        if snapshot is not self._snapshot:
+            self._known.clear()
+            self._snapshot = snapshot
+        identity = self._known.get(credentials)
+        if identity is None:
+            identity = authenticate(snapshot, credentials)
+            if identity is not None:
+                if len(self._known) >= self._size:
+                    self._known.clear()
+                self._known[credentials] = identity
+        return identity
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 
 from egressd.decide import Decision, Flow, HealthView, Path, decide, decide_private_name
 from egressd.model.addresses import IPAddress, address_text
@@ -28,8 +28,9 @@ from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
 from egressd.pop.dns_service import DnsService
+from egressd.pop.flow_metrics import FlowMetrics
 from egressd.pop.flowlog import FlowLog, FlowRecord
-from egressd.pop.identity import Identity, authenticate
+from egressd.pop.identity import CredentialMemo, Identity
 from egressd.pop.metrics import PopMetrics
 from egressd.pop.poller import Poller
 from egressd.pop.relay import PipePool, RelayRegistry
@@ -202,13 +203,10 @@ class PopRuntime:
         self.draining = False
         self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
         self._tunnel_hints: dict[str, str] = {}  # connector -> peer PoP that last had it
-        # Metric children per label tuple: `labels()` costs microseconds per call.
-        self._flow_counters: dict[tuple[str, str, str, str], Counter] = {}
-        self._connect_histograms: dict[str, Histogram] = {}
-        self._bytes_up = metrics.bytes.labels(code, "up")
-        self._bytes_down = metrics.bytes.labels(code, "down")
-        self.active_tcp = metrics.active.labels(code, "tcp")
+        self.flow_metrics = FlowMetrics(metrics, code)
+        self._connect_histograms: dict[str, Histogram] = {}  # `labels()` costs microseconds
         limits = options.limits
+        self._credentials = CredentialMemo()
         self.auth_throttle = AuthThrottle(limits.auth_failures_per_source, limits.auth_failure_window)
         self.flows_per_source = SourceCounter(limits.max_flows_per_source)
         self.flows_per_account = SourceCounter(limits.max_flows_per_account)
@@ -241,7 +239,7 @@ class PopRuntime:
         if self.auth_throttle.blocked(source):
             self.refuse("auth-rate")
             return None
-        identity = authenticate(self.state.snapshot, credentials)
+        identity = self._credentials.authenticate(self.state.snapshot, credentials)
         if identity is None and count_failure and self.auth_throttle.failed(source):
             log.warning("authentication: %s reached %d failures in %g s; refusing its "
                         "attempts until the window ends", source, self.auth_throttle.limit,
@@ -292,16 +290,7 @@ class PopRuntime:
         decision = record.decision
         key = (record.protocol, decision.egress.value if decision else "none",
                decision.rule if decision else "-", record.outcome)
-        counter = self._flow_counters.get(key)
-        if counter is None:
-            if len(self._flow_counters) >= _MAX_CACHED_CHILDREN:
-                self._flow_counters.clear()
-            counter = self._flow_counters[key] = self.metrics.flows.labels(self.code, *key)
-        counter.inc()
-        if record.bytes_up:
-            self._bytes_up.inc(record.bytes_up)
-        if record.bytes_down:
-            self._bytes_down.inc(record.bytes_down)
+        self.flow_metrics.flow_ended(key, record.bytes_up, record.bytes_down)
 
     def observe_connect(self, decision: Decision, seconds: float) -> None:
         path = decision.path.value if decision.path else "-"
