@@ -148,11 +148,11 @@ async def start_tunnel(runtime: PopRuntime, io: ClientIO, upstream: socket.socke
 
 def tunnel_started(runtime: PopRuntime, record: FlowRecord) -> Callable[[RelayResult], None]:
     """Count the tunnel as active; the returned callback ends its flow when the relay does."""
-    active = runtime.active_tcp
-    active.inc()
+    flow_metrics = runtime.flow_metrics
+    flow_metrics.tcp_opened()
 
     def on_close(result: RelayResult) -> None:
-        active.dec()
+        flow_metrics.tcp_closed()
         record.bytes_up += result.bytes_up
         record.bytes_down += result.bytes_down
         record.closed_by, record.error = result.closed_by, result.error

@@ -150,7 +150,7 @@ class DeviceLinkServer:
             return
         decision = record.decision
         egress_pop = (decision.egress_pop if decision is not None else None) or runtime.code
-        runtime.active_tcp.inc()
+        runtime.flow_metrics.tcp_opened()
         timer = _IdleTimer(runtime.options.idle_timeout, runtime.options.max_lifetime)
         relaying = asyncio.ensure_future(self._relay(stream, upstream, record, egress_pop, timer))
         expired: str | None = None
@@ -166,7 +166,7 @@ class DeviceLinkServer:
             if expired is not None:
                 record.closed_by = expired
             upstream.close()
-            runtime.active_tcp.dec()
+            runtime.flow_metrics.tcp_closed()
             runtime.finish(record)
 
     @staticmethod

@@ -81,6 +81,7 @@ class PopServer:
             self._sweeper = None
         self.runtime.pipes.close()
         self.runtime.close_poller()
+        self.runtime.flow_metrics.flush()
 
 
 async def drain_all(servers: Sequence[PopServer], grace_seconds: float) -> None:

@@ -1,0 +1,53 @@
+"""Per-flow Prometheus figures (`pop/flow_metrics.py`): added up during a loop turn, in
+prometheus-client by the turn's end, at once outside a loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from egressd.pop.flow_metrics import FlowMetrics
+from egressd.pop.metrics import PopMetrics
+
+KEY = ("tcp", "shared", "R1", "ok")
+
+
+def value(metrics: PopMetrics, name: str, **labels: str) -> float:
+    found = metrics.registry.get_sample_value(name, {"pop": "lax", **labels})
+    return found or 0.0
+
+
+def test_outside_a_loop_every_change_is_counted_at_once() -> None:
+    metrics = PopMetrics()
+    flows = FlowMetrics(metrics, "lax")
+    flows.tcp_opened()
+    assert value(metrics, "egressd_active_flows", protocol="tcp") == 1
+    flows.flow_ended(KEY, 10, 20)
+    flows.tcp_closed()
+    assert value(metrics, "egressd_flows_total", protocol="tcp", egress="shared", rule="R1", outcome="ok") == 1
+    assert value(metrics, "egressd_bytes_total", direction="up") == 10
+    assert value(metrics, "egressd_bytes_total", direction="down") == 20
+    assert value(metrics, "egressd_active_flows", protocol="tcp") == 0
+
+
+def test_a_loop_turn_is_handed_over_by_its_end() -> None:
+    async def body() -> None:
+        metrics = PopMetrics()
+        flows = FlowMetrics(metrics, "lax")
+        for _ in range(3):
+            flows.tcp_opened()
+            flows.flow_ended(KEY, 1, 2)
+        flows.tcp_closed()
+        flows.flow_ended(("udp", "dedicated", "R3", "ok"), 0, 5)
+        assert value(metrics, "egressd_bytes_total", direction="up") == 0  # not yet: same turn
+        await asyncio.sleep(0)
+        labels = {"protocol": "tcp", "egress": "shared", "rule": "R1", "outcome": "ok"}
+        assert value(metrics, "egressd_flows_total", **labels) == 3
+        assert value(metrics, "egressd_flows_total", protocol="udp", egress="dedicated", rule="R3",
+                     outcome="ok") == 1
+        assert value(metrics, "egressd_bytes_total", direction="up") == 3
+        assert value(metrics, "egressd_bytes_total", direction="down") == 11
+        assert value(metrics, "egressd_active_flows", protocol="tcp") == 2
+        flows.tcp_closed()
+        flows.flush()  # as the PoP does when it closes
+        assert value(metrics, "egressd_active_flows", protocol="tcp") == 1
+    asyncio.run(body())
