@@ -29,11 +29,25 @@ def parse_address(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
-@functools.lru_cache(maxsize=8192)
+#: id(address) -> (address, text). Keyed by identity, not value: `ipaddress` hashes in
+#: Python (two calls), and the addresses a PoP formats again and again are the same
+#: objects (the snapshot's source addresses, the literals `address_literal` remembers).
+#: Each entry holds its address, so an identity cannot be reused while it is a key.
+_TEXTS: dict[int, tuple[IPAddress, str]] = {}
+_TEXTS_KEPT = 8192
+
+
 def address_text(address: IPAddress) -> str:
     """`str(address)`, remembered: `ipaddress` formats it anew each time (~1 us), and a
     PoP writes the same few source and destination addresses for every flow."""
-    return str(address)
+    entry = _TEXTS.get(id(address))
+    if entry is not None and entry[0] is address:
+        return entry[1]
+    text = str(address)
+    if len(_TEXTS) >= _TEXTS_KEPT:
+        _TEXTS.clear()
+    _TEXTS[id(address)] = (address, text)
+    return text
 
 
 @functools.lru_cache(maxsize=8192)

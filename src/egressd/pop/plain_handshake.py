@@ -41,7 +41,7 @@ from collections.abc import Coroutine
 from typing import Any, Final, Protocol
 
 from egressd.decide import Decision
-from egressd.model.addresses import IPAddress, address_text
+from egressd.model.addresses import IPAddress
 from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.flowlog import FlowRecord
@@ -328,8 +328,7 @@ class PlainHandshake:
     def _connected(self, decision: Decision) -> None:
         upstream, record = self.upstream, self.record
         assert upstream is not None and record is not None
-        record.decision = decision
-        record.destination = address_text(self.address)
+        # The record's decision and destination are this candidate's (`direct_candidate`).
         local = upstream.getsockname()
         record.local_address = f"{local[0]}:{local[1]}"
         self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)

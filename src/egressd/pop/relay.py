@@ -45,7 +45,7 @@ class PipePool:
 
     def __init__(self, keep: int = 64, pipe_size: int = 1 << 20) -> None:
         self.free: list[tuple[int, int]] = []
-        self._keep = keep
+        self.keep = keep
         self.pipe_size = pipe_size
 
     def take(self) -> tuple[int, int]:
@@ -60,7 +60,7 @@ class PipePool:
         return pipe
 
     def give(self, pipe: tuple[int, int]) -> None:
-        if len(self.free) < self._keep:
+        if len(self.free) < self.keep:
             self.free.append(pipe)
         else:
             os.close(pipe[0])
@@ -139,7 +139,10 @@ class _Direction:
             return
         relay.last_activity = time.monotonic()
         if self.pipe is not None and self.in_pipe == 0:
-            pool.give(self.pipe)
+            if len(pool.free) < pool.keep:  # `give`, inline: once per message
+                pool.free.append(self.pipe)
+            else:
+                pool.give(self.pipe)
             self.pipe = None
 
     def _drain(self, dst_fd: int) -> bool:

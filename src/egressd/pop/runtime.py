@@ -288,12 +288,13 @@ class PopRuntime:
             self.flows_per_source.release(source)
         self.flowlog.write(record)
         decision = record.decision
-        key = (record.protocol, decision.egress.value if decision else "none",
+        # Egress is a StrEnum: the member is its value's string (`.value` is a property).
+        key = (record.protocol, decision.egress if decision else "none",
                decision.rule if decision else "-", record.outcome)
         self.flow_metrics.flow_ended(key, record.bytes_up, record.bytes_down)
 
     def observe_connect(self, decision: Decision, seconds: float) -> None:
-        path = decision.path.value if decision.path else "-"
+        path = decision.path or "-"  # a StrEnum member is its value's string
         histogram = self._connect_histograms.get(path)
         if histogram is None:
             histogram = self._connect_histograms[path] = self.metrics.connect_seconds.labels(self.code, path)
@@ -406,7 +407,7 @@ class PopRuntime:
             record.decision = refused
             raise FlowRefused(refused)
         record.decision = candidates[0][1]
-        record.destination = str(candidates[0][0])
+        record.destination = address_text(candidates[0][0])
         return candidates
 
     def _attempt(self, address: IPAddress, port: int, decision: Decision,

@@ -284,6 +284,8 @@ def _collect(
 
 def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     """RFC 8305 §4: alternate families, starting with IPv6, keeping order within a family."""
+    if len(addresses) == 1:  # an address literal, most of the time
+        return list(addresses)
     v6 = [address for address in addresses if address.version == 6]
     v4 = [address for address in addresses if address.version == 4]
     ordered: list[IPAddress] = []
