@@ -22,11 +22,12 @@ from typing import Final, Protocol
 
 from prometheus_client import Histogram
 
-from egressd.decide import Decision, Flow, HealthView, Path, decide, decide_private_name
+from egressd.decide import Decision, Flow, HealthView, Path, decide_private_name
 from egressd.model.addresses import IPAddress, address_text
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
+from egressd.pop.decision_memo import DecisionMemo
 from egressd.pop.dns_service import DnsService
 from egressd.pop.flow_metrics import FlowMetrics
 from egressd.pop.flowlog import FlowLog, FlowRecord
@@ -207,6 +208,7 @@ class PopRuntime:
         self._connect_histograms: dict[str, Histogram] = {}  # `labels()` costs microseconds
         limits = options.limits
         self._credentials = CredentialMemo()
+        self._decisions = DecisionMemo(code)
         self.auth_throttle = AuthThrottle(limits.auth_failures_per_source, limits.auth_failure_window)
         self.flows_per_source = SourceCounter(limits.max_flows_per_source)
         self.flows_per_account = SourceCounter(limits.max_flows_per_account)
@@ -302,14 +304,9 @@ class PopRuntime:
 
     def decide_for(self, identity: Identity | None, protocol: str, address: IPAddress,
                    port: int, hostname: str | None) -> Decision:
-        flow = Flow(
-            account=identity.account if identity else None,
-            user=identity.user if identity else "",
-            device=identity.device if identity else "",
-            connected_pop=self.code, protocol=protocol, address=address, port=port,
-            hostname=hostname,
-        )
-        return decide(self.state.snapshot, flow, self.state.view)
+        state = self.state
+        return self._decisions.decide(state.snapshot, state.view, identity, protocol, address,
+                                      port, hostname)
 
     async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
         try:

@@ -91,6 +91,10 @@ class Command(enum.IntEnum):
     UDP_ASSOCIATE = 0x03
 
 
+_SUPPORTED_COMMANDS: Final = {Command.CONNECT.value: Command.CONNECT,
+                               Command.UDP_ASSOCIATE.value: Command.UDP_ASSOCIATE}
+
+
 class AddressType(enum.IntEnum):
     IPV4 = 0x01
     DOMAIN = 0x03
@@ -345,7 +349,8 @@ class Socks5Server:
         where the client must send its datagrams.
         """
         encoded = encode_address(bind_host, bind_port)
-        code = ReplyCode(code)
+        if not isinstance(code, ReplyCode):  # calling the enum costs two Python calls
+            code = ReplyCode(code)
         self._transition(_In.REPLY_SUCCESS if code is ReplyCode.SUCCEEDED else _In.REPLY_FAILURE)
         return bytes([SOCKS_VERSION, code, 0]) + encoded
 
@@ -439,11 +444,11 @@ class Socks5Server:
             return self._fail(None, f"request version {buf[0]} is not 5", b"")
         if len(buf) < 2:
             return None
-        if buf[1] not in (Command.CONNECT, Command.UDP_ASSOCIATE):
+        command = _SUPPORTED_COMMANDS.get(buf[1])  # a dict: calling an enum is two Python calls
+        if command is None:
             return self._fail_request(
                 ReplyCode.COMMAND_NOT_SUPPORTED, f"command {buf[1]} not supported"
             )
-        command = Command(buf[1])
         if len(buf) < 3:
             return None
         if buf[2] != 0:
