@@ -64,6 +64,30 @@ async def test_reader_and_writer_on_one_descriptor(pair: tuple[socket.socket, so
     poller.close()
 
 
+async def test_swap_to_reader_replaces_the_writer(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    poller = Poller(asyncio.get_running_loop())
+    seen: list[str] = []
+    poller.add_writer(a.fileno(), seen.append, "write")
+    await turns()
+    assert "write" in seen
+    poller.swap_to_reader(a.fileno(), seen.append, "read")
+    seen.clear()
+    await turns()
+    assert seen == []  # writable still, but nobody asks any more: no busy loop
+    b.send(b"z")
+    await asyncio.sleep(0.01)
+    assert seen and set(seen) == {"read"}
+    assert not poller.remove_writer(a.fileno())
+    assert poller.remove_reader(a.fileno()) and len(poller) == 0
+    # With no writer to replace it is add_reader.
+    poller.swap_to_reader(b.fileno(), seen.append, "b")
+    a.send(b"w")
+    await asyncio.sleep(0.01)
+    assert "b" in seen
+    poller.close()
+
+
 async def test_a_descriptor_removed_during_a_batch_gets_no_more_callbacks_from_it() -> None:
     poller = Poller(asyncio.get_running_loop())
     pairs = [socket.socketpair() for _ in range(4)]

@@ -99,6 +99,12 @@ class FlowLog:
         """`--flow-log off`: no encoding, no write."""
         return cls(enabled=False)
 
+    @property
+    def read(self) -> bool:
+        """Whether records are read at all (a log, or a sink): fields only they need can
+        be skipped otherwise."""
+        return self.enabled or bool(self.sinks)
+
     def write(self, record: FlowRecord) -> None:
         if not self.enabled and not self.sinks:
             return

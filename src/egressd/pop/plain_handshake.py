@@ -329,8 +329,12 @@ class PlainHandshake:
         upstream, record = self.upstream, self.record
         assert upstream is not None and record is not None
         # The record's decision and destination are this candidate's (`direct_candidate`).
-        local = upstream.getsockname()
-        record.local_address = f"{local[0]}:{local[1]}"
+        # The local address is for SOCKS5's reply and the flow record: a system call that
+        # an HTTP tunnel whose records nobody reads does without.
+        local: tuple[Any, ...] = ("", 0)
+        if self.socks is not None or self.runtime.flowlog.read:
+            local = upstream.getsockname()
+            record.local_address = f"{local[0]}:{local[1]}"
         self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
         self._tunnel(upstream, local)
 
@@ -410,12 +414,16 @@ class PlainHandshake:
         on_close = tunnel_started(runtime, record)
         self.state = State.DONE
         self.owner.handshakes.discard(self)
-        # The relay's reader on the client socket replaces the handshake's, if any; the
-        # connect's writer on the upstream goes only once the relay reads it (see above).
+        # The relay's reader on the client socket replaces the handshake's, if any, and its
+        # reader on the upstream replaces the connect's writer in one `epoll_ctl`.
+        relay = SpliceRelay(self.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays)
+        replacing, self.writing = self.writing, False
         try:
-            SpliceRelay(self.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays).start()
-        finally:
-            self._stop_writing(upstream)
+            relay.start(replacing_writer=self.poller if replacing else None)
+        except BaseException:
+            if replacing:  # a writer left behind would be called on every turn
+                self.poller.remove_writer(upstream.fileno())
+            raise
 
     # --- endings ----------------------------------------------------------------------
 

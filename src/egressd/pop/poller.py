@@ -68,6 +68,19 @@ class Poller:
     def remove_writer(self, fd: int) -> bool:
         return self._set(fd, select.EPOLLOUT, None)
 
+    def swap_to_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        """Make `callback` the reader of `fd` and drop its writer, in one `epoll_ctl` (a
+        connect's writer handed over to a relay's reader)."""
+        interest = self._interests.get(fd)
+        if interest is None or interest.writer is None:  # no writer to replace
+            self._set(fd, select.EPOLLIN, (callback, args))
+            return
+        interest.writer = None
+        interest.reader = (callback, args)
+        if interest.mask != select.EPOLLIN:
+            interest.mask = select.EPOLLIN
+            self._epoll.modify(fd, select.EPOLLIN)
+
     def close(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from egressd.pop.poller import Poller
+
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
@@ -193,14 +195,17 @@ class _Direction:
         # otherwise on_writable finishes once the pipe is drained
 
     def _finish(self) -> None:
+        relay = self.relay
         if self.pipe is not None:
-            self.relay.pool.give(self.pipe)
+            relay.pool.give(self.pipe)
             self.pipe = None
-        try:  # noqa: SIM105 (suppress() is three calls: hot path)
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.relay.direction_ended(self)
+        other = relay.down if self is relay.up else relay.up
+        if not other.done:  # else both sockets close now, and close() sends the FIN
+            try:  # noqa: SIM105 (suppress() is three calls: hot path)
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        relay.direction_ended(self)
 
     def stop(self) -> None:
         readiness = self.relay.readiness
@@ -246,10 +251,17 @@ class SpliceRelay:
         self.ended_by: str | None = None
         self.started = self.last_activity = time.monotonic()
 
-    def start(self) -> None:
+    def start(self, *, replacing_writer: Poller | None = None) -> None:
+        """Register both readers. `replacing_writer`: the upstream has a writer in this
+        poller (the connect's) that the upstream's reader replaces in one change."""
         self.registry.add(self)
         self.up.start()
-        self.down.start()
+        if replacing_writer is not None:
+            down = self.down
+            down.reading = True
+            replacing_writer.swap_to_reader(self.upstream.fileno(), down.on_readable)
+        else:
+            self.down.start()
 
     def direction_ended(self, direction: _Direction) -> None:
         if self.ended_by is None:
