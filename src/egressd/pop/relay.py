@@ -16,6 +16,7 @@ besides its two sockets.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import fcntl
 import os
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from egressd.pop.poller import Poller
+
+_close = _socket.socket.close
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -196,9 +199,14 @@ class _Direction:
 
     def _finish(self) -> None:
         relay = self.relay
-        if self.pipe is not None:
-            relay.pool.give(self.pipe)
+        pipe = self.pipe
+        if pipe is not None:
             self.pipe = None
+            pool = relay.pool
+            if len(pool.free) < pool.keep:  # `give`, inline
+                pool.free.append(pipe)
+            else:
+                pool.give(pipe)
         other = relay.down if self is relay.up else relay.up
         if not other.done:  # else both sockets close now, and close() sends the FIN
             try:  # noqa: SIM105 (suppress() is three calls: hot path)
@@ -278,10 +286,13 @@ class SpliceRelay:
     def close(self, closed_by: str, error: str | None) -> None:
         if self.on_close is None:
             return
-        self.up.stop()
-        self.down.stop()
-        self.client.close()
-        self.upstream.close()
+        for direction in (self.up, self.down):
+            if direction.reading or direction.writing or direction.pipe is not None:
+                direction.stop()
+        # `_socket.socket.close`: what `socket.close` ends in, minus its two Python calls
+        # (they serve `makefile`, which relay sockets never have).
+        _close(self.client)
+        _close(self.upstream)
         self.registry.discard(self)
         callback, self.on_close = self.on_close, None
         callback(RelayResult(self.up.total, self.down.total, closed_by, error))

@@ -484,12 +484,10 @@ class HeadBuffer:
         self._large_section_status = large_section_status
         self._buf = bytearray()
         self._error: HttpError | None = None
-        self._reset_scan()
-
-    def _reset_scan(self) -> None:
-        self._searched = 0  # the end of the head was looked for up to here (less 3)
-        self._checked = 0  # bytes before this were checked for bare LF and start-line bytes
-        self._start_line_end = -1  # index of the CR ending the start line, once seen
+        # Where the scan for the end of the head got to (less 3), the bytes before which
+        # were checked for bare LF and start-line bytes, and the CR ending the start line
+        # once seen. Reset inline after each head (a call per head and per remainder).
+        self._searched, self._checked, self._start_line_end = 0, 0, -1
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add received bytes (ignored once the reader has failed)."""
@@ -505,7 +503,7 @@ class HeadBuffer:
         """Take the buffered bytes after the last head returned (body, tunnel or pipeline)."""
         data = bytes(self._buf)
         self._buf.clear()
-        self._reset_scan()
+        self._searched, self._checked, self._start_line_end = 0, 0, -1
         return data
 
     def _fail(self, status: int, reason: str) -> NoReturn:
@@ -518,7 +516,7 @@ class HeadBuffer:
         buf = self._buf
         while buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore empty lines before a start line
             del buf[:2]
-            self._reset_scan()
+            self._searched, self._checked, self._start_line_end = 0, 0, -1
         end = buf.find(b"\r\n\r\n", self._searched)
         if end < 0:
             self._check_partial()
@@ -534,7 +532,7 @@ class HeadBuffer:
         if section and section.count(b"\r\n") >= self._max_fields:
             self._fail(self._large_section_status, "too many header fields")
         del buf[: end + 4]
-        self._reset_scan()
+        self._searched, self._checked, self._start_line_end = 0, 0, -1
         return start_line, section
 
     def _check_partial(self) -> None:
