@@ -105,8 +105,8 @@ class Listener:
         return f"{'https' if self.spec.tls else 'http'}://{host}:{self.address[1]}"
 
     def _on_acceptable(self) -> None:
-        listener, loop = self.sock, self.loop
-        if listener is None or loop is None:
+        listener = self.sock
+        if listener is None:
             return
         sniff = self.spec.socks5
         family = listener.family
@@ -135,7 +135,7 @@ class Listener:
             except OSError:  # the client is already gone
                 conn.close()
                 continue
-            PlainHandshake(self, loop, conn, peer[:2], sniff=sniff).start()
+            PlainHandshake(self, conn, peer[:2], sniff=sniff).start()
 
     def spawn(self, coro: Coroutine[Any, Any, None], *owned: socket.socket) -> None:
         """Run a connection's coroutine as a task this listener owns. The `owned` sockets

@@ -11,7 +11,7 @@ the connect is a writer callback on the socket `upstream.start_connect` made.
 Theory of operation. A handshake is in one state at a time:
 
 * SNIFF: nothing received yet. The first byte decides: 0x05 is SOCKS5, anything else HTTP.
-* HTTP_HEAD / SOCKS: reading the request. The handshake timeout (one timer from the
+* HTTP_HEAD / SOCKS: reading the request. The handshake timeout (one timeout from the
   accept) closes a client that is too slow: with a 408 once HTTP bytes came, quietly else.
 * CONNECTING: the request is authenticated and allowed; the upstream connect is in
   progress, under the connect timeout. The client socket is not read meanwhile: bytes it
@@ -33,7 +33,6 @@ syntax (the readers know it), decisions (`PopRuntime`), and sockets upstream
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
@@ -44,6 +43,7 @@ from egressd.decide import Decision
 from egressd.model.addresses import IPAddress
 from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
+from egressd.pop.deadlines import Entry
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_answers import failure_response, start_record
 from egressd.pop.identity import Identity
@@ -109,23 +109,22 @@ class HandshakeOwner(Protocol):
 class PlainHandshake:
     """One accepted plain connection until it is a tunnel, a coroutine's, or closed."""
 
-    __slots__ = ("address", "connect_started", "head_reader", "identity", "loop", "owner", "peer",
+    __slots__ = ("address", "connect_started", "head_reader", "identity", "owner", "peer",
                  "poller", "reading", "record", "reply", "runtime", "sniff", "sock", "socks", "state",
                  "timer", "upstream", "writing")
 
-    def __init__(self, owner: HandshakeOwner, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+    def __init__(self, owner: HandshakeOwner, sock: socket.socket,
                  peer: tuple[str, int], *, sniff: bool) -> None:
         self.owner = owner
         self.runtime = owner.runtime
         self.poller = owner.runtime.poller
-        self.loop = loop
         self.sock = sock
         self.peer = peer
         self.sniff = sniff
         self.state = State.SNIFF
         self.reading = False
         self.writing = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Entry | None = None  # in the runtime's `Deadlines`
         self.head_reader: RequestHeadReader | None = None
         self.socks: Socks5Server | None = None
         self.identity: Identity | None = None
@@ -137,7 +136,7 @@ class PlainHandshake:
 
     def start(self) -> None:
         self.owner.handshakes.add(self)
-        self.timer = self.loop.call_later(self.runtime.options.handshake_timeout, self._on_timeout)
+        self.timer = self.runtime.deadlines.add(self.runtime.options.handshake_timeout, self._on_timeout)
         # The request is often there already: read before registering.
         self._on_readable()
         if self.state in _READING and not self.reading:
@@ -304,7 +303,7 @@ class PlainHandshake:
             return
         self.writing = True
         self.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
-        self.timer = self.loop.call_later(runtime.options.connect_timeout, self._on_timeout)
+        self.timer = runtime.deadlines.add(runtime.options.connect_timeout, self._on_timeout)
 
     def _on_upstream_writable(self, decision: Decision) -> None:
         upstream = self.upstream
@@ -457,7 +456,7 @@ class PlainHandshake:
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
-            self.timer.cancel()
+            self.timer[1] = None  # Deadlines.cancel, inline
             self.timer = None
 
     def _detach(self) -> None:

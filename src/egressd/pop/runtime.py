@@ -27,6 +27,7 @@ from egressd.model.addresses import IPAddress, address_text
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
+from egressd.pop.deadlines import Deadlines
 from egressd.pop.decision_memo import DecisionMemo
 from egressd.pop.dns_service import DnsService
 from egressd.pop.flow_metrics import FlowMetrics
@@ -201,6 +202,7 @@ class PopRuntime:
         self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
         self.pipes = PipePool()
         self._poller: Poller | None = None
+        self.deadlines = Deadlines()  # the handshake and connect timeouts of plain connections
         self.draining = False
         self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
         self._tunnel_hints: dict[str, str] = {}  # connector -> peer PoP that last had it

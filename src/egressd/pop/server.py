@@ -81,6 +81,7 @@ class PopServer:
             self._sweeper = None
         self.runtime.pipes.close()
         self.runtime.close_poller()
+        self.runtime.deadlines.close()
         self.runtime.flow_metrics.flush()
 
 
