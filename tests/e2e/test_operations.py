@@ -80,6 +80,10 @@ async def test_metrics_count_flows_by_rule(serve: dict[str, Any]) -> None:
     lines = [line for line in body.decode().splitlines() if line.startswith("egressd_flows_total{")]
     assert any('pop="las"' in line and 'rule="R6"' in line and 'egress="dedicated"' in line
                and 'outcome="ok"' in line and line.endswith(" 1.0") for line in lines), lines
+    # The connect histogram, added up per loop turn (pop/flow_metrics.py), counts it too.
+    counts = [line for line in body.decode().splitlines()
+              if line.startswith("egressd_upstream_connect_seconds_count{") and 'pop="las"' in line]
+    assert counts and sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 1, counts
 
 
 async def test_metrics_count_auth_failures_and_protocol_errors(serve: dict[str, Any]) -> None:

@@ -51,3 +51,27 @@ def test_a_loop_turn_is_handed_over_by_its_end() -> None:
         flows.flush()  # as the PoP does when it closes
         assert value(metrics, "egressd_active_flows", protocol="tcp") == 1
     asyncio.run(body())
+
+
+def test_connect_times_land_in_the_same_buckets_as_observe() -> None:
+    samples = [0.0003, 0.0005, 0.002, 0.002, 0.3, 7.0]
+    reference = PopMetrics()
+    for seconds in samples:
+        reference.connect_seconds.labels("lax", "local").observe(seconds)
+
+    async def body() -> PopMetrics:
+        metrics = PopMetrics()
+        flows = FlowMetrics(metrics, "lax")
+        for seconds in samples:
+            flows.connect_observed("local", seconds)
+        await asyncio.sleep(0)
+        return metrics
+
+    batched = asyncio.run(body())
+
+    def histogram(metrics: PopMetrics) -> list[tuple[str, dict[str, str], float]]:
+        (family,) = [f for f in metrics.registry.collect() if f.name == "egressd_upstream_connect_seconds"]
+        return [(s.name, s.labels, s.value) for s in family.samples if not s.name.endswith("_created")]
+
+    assert histogram(batched) == histogram(reference)
+    assert value(batched, "egressd_upstream_connect_seconds_count", path="local") == len(samples)

@@ -1,20 +1,27 @@
 """The per-flow Prometheus figures of a PoP process, handed to prometheus-client once per
 event-loop turn.
 
-Why: every `inc()` of a prometheus-client child is four Python calls and a lock, and a
-tunnel made six of them (active up and down, the flow, bytes up and down). Here a flow
-adds to plain integers and the sums go to the children at the end of the loop turn in
-which they changed, so a scrape (an HTTP request, served in a later turn) always sees
-them, and at concurrency 64 one `inc` covers many flows. Outside a running loop (tests,
-shutdown) every change goes through at once. `flush()` also runs when the PoP closes.
+Why: every `inc()` of a prometheus-client child is four Python calls and a lock (with
+several workers also a `getpid` and a write to its file), and a tunnel made eight of them
+(active up and down, the flow, bytes up and down, the connect histogram's bucket and sum).
+Here a flow adds to plain numbers and the sums go to the children at the end of the loop
+turn in which they changed, so a scrape (an HTTP request, served in a later turn) always
+sees them, and at concurrency 64 one `inc` covers many flows. Outside a running loop
+(tests, shutdown) every change goes through at once. `flush()` also runs when the PoP
+closes.
+
+The connect histogram's observations are counted per bucket here and added to the
+child's bucket and sum values (prometheus-client's `_buckets`, `_sum`, `_upper_bounds`:
+what `observe` itself updates); a client without them gets one `observe` per sample.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from bisect import bisect_left
+from typing import Any, Final
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from egressd.pop.metrics import PopMetrics
 
@@ -26,7 +33,8 @@ _MAX_CACHED_CHILDREN: Final = 4096
 
 class FlowMetrics:
     __slots__ = ("_active", "_armed", "_bytes_down", "_bytes_up", "_children", "_code",
-                 "_down_child", "_ended", "_metrics", "_tcp_child", "_up_child")
+                 "_connects", "_down_child", "_ended", "_histograms", "_metrics", "_tcp_child",
+                 "_up_child")
 
     def __init__(self, metrics: PopMetrics, code: str) -> None:
         self._metrics = metrics
@@ -41,6 +49,26 @@ class FlowMetrics:
         self._up_child = metrics.bytes.labels(code, "up")
         self._down_child = metrics.bytes.labels(code, "down")
         self._tcp_child: Gauge = metrics.active.labels(code, "tcp")
+        # path -> [sum, count per bucket...] of the connect times observed this turn
+        self._connects: dict[str, list[float]] = {}
+        self._histograms: dict[str, Histogram] = {}
+
+    def connect_observed(self, path: str, seconds: float) -> None:
+        """An upstream connect took `seconds` (the connect histogram, by path)."""
+        child = self._histograms.get(path)
+        if child is None:
+            child = self._histograms[path] = self._metrics.connect_seconds.labels(self._code, path)
+        bounds: list[float] | None = getattr(child, "_upper_bounds", None)
+        if bounds is None or not hasattr(child, "_buckets") or not hasattr(child, "_sum"):
+            child.observe(seconds)  # a prometheus-client without them: one by one
+            return
+        counts = self._connects.get(path)
+        if counts is None:
+            counts = self._connects[path] = [0.0] * (len(bounds) + 1)
+        counts[0] += seconds
+        counts[1 + bisect_left(bounds, seconds)] += 1  # the first bucket with bound >= it
+        if not self._armed:
+            self._arm()
 
     def flow_ended(self, key: FlowKey, bytes_up: int, bytes_down: int) -> None:
         ended = self._ended
@@ -91,3 +119,12 @@ class FlowMetrics:
         if self._active:
             self._tcp_child.inc(self._active)
             self._active = 0
+        if self._connects:
+            for path, counts in self._connects.items():
+                histogram: Any = self._histograms[path]
+                histogram._sum.inc(counts[0])
+                buckets = histogram._buckets
+                for index, observed in enumerate(counts[1:]):
+                    if observed:
+                        buckets[index].inc(observed)
+            self._connects.clear()

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from prometheus_client import Histogram
-
 from egressd.decide import Decision, Flow, HealthView, Path, decide_private_name
 from egressd.model.addresses import IPAddress, address_text
 from egressd.model.snapshot import Snapshot
@@ -207,7 +205,6 @@ class PopRuntime:
         self.tunnels: Tunnels | None = None  # set by the tunnel server, if this PoP has one
         self._tunnel_hints: dict[str, str] = {}  # connector -> peer PoP that last had it
         self.flow_metrics = FlowMetrics(metrics, code)
-        self._connect_histograms: dict[str, Histogram] = {}  # `labels()` costs microseconds
         limits = options.limits
         self._credentials = CredentialMemo()
         self._decisions = DecisionMemo(code)
@@ -298,11 +295,7 @@ class PopRuntime:
         self.flow_metrics.flow_ended(key, record.bytes_up, record.bytes_down)
 
     def observe_connect(self, decision: Decision, seconds: float) -> None:
-        path = decision.path or "-"  # a StrEnum member is its value's string
-        histogram = self._connect_histograms.get(path)
-        if histogram is None:
-            histogram = self._connect_histograms[path] = self.metrics.connect_seconds.labels(self.code, path)
-        histogram.observe(seconds)
+        self.flow_metrics.connect_observed(decision.path or "-", seconds)  # StrEnum: its string
 
     def decide_for(self, identity: Identity | None, protocol: str, address: IPAddress,
                    port: int, hostname: str | None) -> Decision:
