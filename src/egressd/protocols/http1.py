@@ -63,6 +63,7 @@ from egressd.protocols.http1_body import (
     parse_content_length,
     parse_transfer_codings,
 )
+from egressd.protocols.memo import MEMO_ENTRIES, MEMO_HEAD_BYTES, RewriteMemo
 
 __all__ = [
     "CHUNKED",
@@ -213,69 +214,33 @@ class RequestHeadReader(HeadBuffer):
         return super().remainder()
 
 
-# --- memos: a device repeats itself ------------------------------------------------------
-#
-# Parsing and rewriting a head are pure functions of its bytes, and heads repeat: a device
-# sends the same CONNECT to the same host again and again, and the same request on a
-# keep-alive connection; an origin's response heads differ in little but Date. So heads up
-# to `_MEMO_HEAD_BYTES` are parsed once and their results (frozen: safe to share) reused;
-# a head that fails is parsed again each time (exceptions are not remembered). The memos
-# are bounded, in entries and in bytes per entry: a client sending distinct heads only
-# churns them.
-
-_MEMO_HEAD_BYTES: Final = 2048
-_MEMO_ENTRIES: Final = 512
+# --- memos (`protocols/memo.py`): a device repeats itself -----------------------------
 
 
-@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+@functools.lru_cache(maxsize=MEMO_ENTRIES)
 def _parse_request_cached(start_line: bytes, section: bytes) -> RequestHead:
     return _parse_request(start_line, section)
 
 
-@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+@functools.lru_cache(maxsize=MEMO_ENTRIES)
 def _parse_response_cached(start_line: bytes, section: bytes, method: str) -> ResponseHead:
     return _parse_response(start_line, section, method)
 
 
 def _parse_request_memo(start_line: bytes, section: bytes) -> RequestHead:
-    if len(start_line) + len(section) <= _MEMO_HEAD_BYTES:
+    if len(start_line) + len(section) <= MEMO_HEAD_BYTES:
         return _parse_request_cached(start_line, section)
     return _parse_request(start_line, section)
 
 
 def _parse_response_memo(start_line: bytes, section: bytes, method: str) -> ResponseHead:
-    if len(start_line) + len(section) <= _MEMO_HEAD_BYTES:
+    if len(start_line) + len(section) <= MEMO_HEAD_BYTES:
         return _parse_response_cached(start_line, section, method)
     return _parse_response(start_line, section, method)
 
 
-class _RewriteMemo:
-    """Rewritten heads by the identity of the parsed head they came from (a memoized parse
-    returns the same object for the same bytes). Each entry keeps its head alive, so an
-    identity cannot be reused while it is a key."""
-
-    __slots__ = ("_entries",)
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[object, str, bool, bytes]] = {}
-
-    def get(self, head: object, via: str, flag: bool) -> bytes | None:
-        entry = self._entries.get(id(head))
-        if entry is not None and entry[0] is head and entry[1] == via and entry[2] is flag:
-            return entry[3]
-        return None
-
-    def put(self, head: object, via: str, flag: bool, out: bytes) -> bytes:
-        if len(out) > _MEMO_HEAD_BYTES:  # a large head is not kept alive for a memo
-            return out
-        if len(self._entries) >= _MEMO_ENTRIES:
-            self._entries.clear()
-        self._entries[id(head)] = (head, via, flag, out)
-        return out
-
-
-_forwarded_requests = _RewriteMemo()
-_forwarded_responses = _RewriteMemo()
+_forwarded_requests = RewriteMemo()
+_forwarded_responses = RewriteMemo()
 
 
 def _describe_bad_request_line(line: bytes) -> str:
