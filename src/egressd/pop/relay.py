@@ -126,13 +126,23 @@ class _Direction:
                 except OSError as exc:
                     relay.fail(self, exc, reading=True)
                     return
-                if moved == 0:
-                    self._source_ended()
-                    break
-                self.in_pipe += moved
+                if moved == 0:  # EOF; the pipe is empty (each round drains it)
+                    self.done = True
+                    if self.reading:
+                        self.reading = False
+                        relay.readiness.remove_reader(src_fd)
+                    self._finish()
+                    return
                 self.total += moved
-                if not self._drain(dst_fd):
-                    return  # destination full, or failed
+                # `_drain`, inline: once per message
+                read_end = self.pipe[0]
+                self.in_pipe += moved
+                while self.in_pipe:
+                    try:
+                        self.in_pipe -= os.splice(read_end, dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        self._pause_for_writable()
+                        return  # the destination is full: on_writable goes on
                 if moved < (pool.pipe_size or DEFAULT_PIPE_SIZE):
                     # Less than an empty pipe holds: the socket was most likely drained
                     # (or the pipe ran out of slots first), and readiness is
@@ -188,15 +198,6 @@ class _Direction:
             self.reading = True
             self.relay.readiness.add_reader(self.src.fileno(), self.on_readable)
 
-    def _source_ended(self) -> None:
-        self.done = True
-        if self.reading:
-            self.relay.readiness.remove_reader(self.src.fileno())
-            self.reading = False
-        if self.in_pipe == 0:
-            self._finish()
-        # otherwise on_writable finishes once the pipe is drained
-
     def _finish(self) -> None:
         relay = self.relay
         pipe = self.pipe
@@ -208,12 +209,15 @@ class _Direction:
             else:
                 pool.give(pipe)
         other = relay.down if self is relay.up else relay.up
-        if not other.done:  # else both sockets close now, and close() sends the FIN
-            try:  # noqa: SIM105 (suppress() is three calls: hot path)
-                self.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        relay.direction_ended(self)
+        if relay.ended_by is None:
+            relay.ended_by = "client" if self is relay.up else "upstream"
+        if other.done:  # both ended: close both sockets (close() sends the FIN)
+            relay.close(relay.ended_by, None)
+            return
+        try:  # noqa: SIM105 (suppress() is three calls: hot path)
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def stop(self) -> None:
         readiness = self.relay.readiness
@@ -270,12 +274,6 @@ class SpliceRelay:
             replacing_writer.swap_to_reader(self.upstream.fileno(), down.on_readable)
         else:
             self.down.start()
-
-    def direction_ended(self, direction: _Direction) -> None:
-        if self.ended_by is None:
-            self.ended_by = "client" if direction is self.up else "upstream"
-        if self.up.done and self.down.done:
-            self.close(self.ended_by, None)
 
     def fail(self, direction: _Direction, exc: OSError, *, reading: bool) -> None:
         """An error on a socket: `reading` says it came from the direction's source."""
