@@ -11,9 +11,11 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
 from tests.pop.test_http_forward import ANN, TIMEOUT, Origin, Pop, Run, run, settle
 
-from egressd.protocols.http1 import ResponseHeadReader
+from egressd.pop.runtime import PopOptions
+from egressd.protocols.http1 import RequestHeadReader, ResponseHeadReader
 
 __all__ = ["run"]
 
@@ -122,5 +124,40 @@ def test_accepted_connections_have_nodelay_and_are_non_blocking(run: Run) -> Non
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assert sock.getblocking() is False and sock.family == socket.AF_INET
         assert handshake.peer == writer.get_extra_info("sockname")[:2]
+        writer.close()
+    run(body)
+
+
+def test_a_repeated_connect_head_is_read_once_and_still_authenticated(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CONNECT head that was the whole first read is remembered: the same bytes again go
+    on without a reader, still checked against the credentials in force."""
+    readers: list[int] = []
+    make = PopOptions.head_reader
+
+    def counting(self: PopOptions) -> RequestHeadReader:
+        readers.append(1)
+        return make(self)
+
+    monkeypatch.setattr(PopOptions, "head_reader", counting)  # the PoP's readers, no others
+
+    async def body(pop: Pop, origin: Origin) -> None:
+        authority = f"{origin.address[0]}:{origin.address[1]}"
+        for _ in range(3):
+            reader, writer, status = await connect_tunnel(pop, authority)
+            assert status == 200
+            await who_through(reader, writer, origin)
+            writer.close()
+        assert len(readers) == 1
+        assert await settle(lambda: len(pop.records()) == 3)
+        assert [record["outcome"] for record in pop.records()] == ["ok"] * 3
+        # Other bytes (another password) are read again, and refused.
+        reader, writer = await asyncio.open_connection(*pop.address)
+        token = base64.b64encode(f"{ANN[0]}:wrong".encode()).decode()
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                     f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.read(65536)
+        assert answer.startswith(b"HTTP/1.1 407") and len(readers) == 2
         writer.close()
     run(body)

@@ -48,7 +48,7 @@ from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_answers import failure_response, start_record
 from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
-from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.runtime import FlowRefused, PopOptions, PopRuntime
 from egressd.pop.socks_proxy import log_auth_failure, serve_request
 from egressd.pop.upstream import (
     UpstreamError,
@@ -90,6 +90,13 @@ class State(StateEnum):
 
 
 _READING: Final = frozenset({State.SNIFF, State.HTTP_HEAD, State.SOCKS})
+
+#: CONNECT heads that were the whole of a connection's first read, and the options they
+#: were read under: the same bytes again need no reader (parsing is a pure function of
+#: them). Bounded in entries and bytes per entry; emptied when full.
+_CONNECT_HEADS: dict[bytes, tuple[PopOptions, RequestHead]] = {}
+_KNOWN_HEADS: Final = 512
+_KNOWN_HEAD_BYTES: Final = 2048
 
 
 class HandshakeOwner(Protocol):
@@ -167,7 +174,11 @@ class PlainHandshake:
                     self.socks = Socks5Server()
                 else:
                     self.state = State.HTTP_HEAD
+                    if self._known_connect(data):
+                        return
                     self.head_reader = self.runtime.options.head_reader()
+                    self._http_received(data, whole=True)
+                    return
             if self.state is State.HTTP_HEAD:
                 self._http_received(data)
             elif self.state is State.SOCKS:
@@ -176,7 +187,25 @@ class PlainHandshake:
             log.exception("unexpected error serving %s:%s", self.peer[0], self.peer[1])
             self._close()
 
-    def _http_received(self, data: bytes) -> None:
+    def _known_connect(self, data: bytes) -> bool:
+        """Go on at once if `data` is exactly a CONNECT head seen before under these options
+        (the reader's verdict on the same bytes cannot differ) from a device that
+        authenticates; False: read it with a reader."""
+        runtime = self.runtime
+        known = _CONNECT_HEADS.get(data)
+        if known is None or known[0] is not runtime.options:
+            return False
+        head = known[1]
+        identity = runtime.authenticate(head.proxy_credentials, self.peer, count_failure=False)
+        if identity is None:
+            return False  # the reader path answers the 407 (and counts it)
+        self.reply = connect_established()
+        self._connect(identity, head.host, head.port)
+        return True
+
+    def _http_received(self, data: bytes, *, whole: bool = False) -> None:
+        """`whole`: `data` is all a fresh reader was fed (a CONNECT head that is all of it
+        is remembered for `_known_connect`)."""
         reader = self.head_reader
         assert reader is not None
         runtime = self.runtime
@@ -194,6 +223,10 @@ class PlainHandshake:
         # The coroutine path answers (and counts) a failure: not counted here too.
         identity = (runtime.authenticate(head.proxy_credentials, self.peer, count_failure=False)
                     if head.is_connect else None)
+        if whole and identity is not None and not reader.buffered and len(data) <= _KNOWN_HEAD_BYTES:
+            if len(_CONNECT_HEADS) >= _KNOWN_HEADS:
+                _CONNECT_HEADS.clear()
+            _CONNECT_HEADS[data] = (runtime.options, head)
         if identity is None:  # not a CONNECT, or a 407 to answer: the coroutine path
             io = self._socket_io()
             if io is not None:
@@ -385,9 +418,9 @@ class PlainHandshake:
             reply = self.socks.reply(ReplyCode.SUCCEEDED, local[0], local[1])
             early = self.socks.remainder()
         else:
-            assert self.head_reader is not None
             reply = self.reply
-            early = self.head_reader.remainder()
+            # No reader: the head was known (`_known_connect`) and was all that came.
+            early = self.head_reader.remainder() if self.head_reader is not None else b""
         sent = 0
         try:
             if not early:
