@@ -11,8 +11,8 @@ source address and city a flow really left from. It speaks:
   if present, supplies the address).
 - HTTP/3 (aioquic) on UDP, same paths, ``http=3`` in the trace.
 
-The answers are pure functions of :class:`ClientView` (:func:`respond`); the rest is
-the I/O shell. The server trusts any client's PROXY header: it is a test origin, not an
+The answers are pure functions of :class:`ClientView` (:func:`respond`, in
+`echo/answers.py`); this module is the I/O shell. The server trusts any client's PROXY header: it is a test origin, not an
 access control point. Every connection task is owned by one ``asyncio.TaskGroup`` that
 :meth:`EchoServer.close` cancels and awaits.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import http
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,13 +37,21 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent
 
 from egressd.echo import arrival
+from egressd.echo.answers import (
+    TEXT_HEADERS,
+    ClientView,
+    EchoResponse,
+    normalize_address,
+    render_trace,
+    respond,
+    udp_reply,
+)
 from egressd.protocols.geofeed import GeofeedIndex
 from egressd.protocols.proxy_v2 import (
     SIGNATURE,
     ProxyV2Error,
     ProxyV2Reader,
     looks_like_proxy_v2,
-    parse_proxy_v2,
 )
 
 __all__ = [
@@ -64,117 +71,6 @@ _CLOSE_TIMEOUT: Final = 5.0
 _READ_SIZE: Final = 65536
 _MAX_REQUEST_BODY: Final = 64 * 1024
 _BIND_ATTEMPTS: Final = 8
-
-# --- pure core: what to answer ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ClientView:
-    """What the echo knows about one client.
-
-    ``address``/``port`` are the logical source (from the PROXY header when there was
-    one), ``peer`` the physical peer. ``http`` is ``"1.1"``, ``"1.0"`` or ``"3"``.
-    """
-
-    address: str
-    port: int
-    peer: tuple[str, int]
-    proxy_protocol: bool
-    http: str
-    link: str | None = None  # the interface the packets arrived on (lab: the egress PoP)
-
-
-@dataclass(frozen=True, slots=True)
-class EchoResponse:
-    """An answer, independent of the HTTP version that carries it."""
-
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def normalize_address(host: str) -> str:
-    """The address as people write it: IPv4-mapped IPv6 (dual-stack sockets) as IPv4."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def render_trace(client: ClientView, geofeed: GeofeedIndex | None) -> str:
-    """``key=value`` lines: ``ip family port proxy_protocol [peer] http [geo...]``.
-
-    ``peer`` appears only with a PROXY header; ``country region city [postal]`` only
-    when a geofeed is loaded and places the address.
-    """
-    address = normalize_address(client.address)
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(address)
-    except ValueError:
-        ip = None
-    lines = [
-        f"ip={address}",
-        f"family={ip.version if ip is not None else 0}",
-        f"port={client.port}",
-        f"proxy_protocol={'yes' if client.proxy_protocol else 'no'}",
-    ]
-    if client.proxy_protocol:
-        lines.append(f"peer={normalize_address(client.peer[0])}")
-    lines.append(f"http={client.http}")
-    if client.link is not None:
-        lines.append(f"link={client.link}")
-    entry = geofeed.lookup(ip) if geofeed is not None and ip is not None else None
-    if entry is not None:
-        lines += [f"country={entry.country}", f"region={entry.region}", f"city={entry.city}"]
-        if entry.postal:
-            lines.append(f"postal={entry.postal}")
-    return "\n".join(lines) + "\n"
-
-
-_TEXT_HEADERS: Final = (
-    ("content-type", "text/plain; charset=utf-8"),
-    # An address echo must never be answered from a cache along the way.
-    ("cache-control", "no-store"),
-)
-
-
-def respond(
-    method: str, target: str, client: ClientView, geofeed: GeofeedIndex | None
-) -> EchoResponse:
-    """The answer to ``method target`` (query strings ignored). HEAD gets GET's headers."""
-    path = target.split("?", 1)[0]
-    if path not in ("/", "/trace"):
-        return EchoResponse(404, b"not found\n", _TEXT_HEADERS)
-    if method not in ("GET", "HEAD"):
-        return EchoResponse(405, b"method not allowed\n", (*_TEXT_HEADERS, ("allow", "GET, HEAD")))
-    if path == "/":
-        body = normalize_address(client.address) + "\n"
-    else:
-        body = render_trace(client, geofeed)
-    return EchoResponse(200, body.encode(), _TEXT_HEADERS)
-
-
-def udp_reply(datagram: bytes, peer: tuple[str, int], accept_proxy_v2: bool,
-              link: str | None = None) -> bytes | None:
-    """The answer to one datagram, or None to drop it (a broken PROXY header).
-    With `link` (the arrival interface), a third field ``link=NAME``."""
-    address, port = peer
-    if accept_proxy_v2 and len(datagram) >= len(SIGNATURE) and looks_like_proxy_v2(datagram):
-        try:
-            header = parse_proxy_v2(datagram)
-        except ProxyV2Error:
-            return None
-        if header is None:
-            return None  # truncated: a datagram never continues
-        if header.source is not None:
-            address, port = header.source
-    if link is not None:
-        return f"{normalize_address(address)} {port} link={link}\n".encode()
-    return f"{normalize_address(address)} {port}\n".encode()
-
 
 # --- I/O shell --------------------------------------------------------------------
 
@@ -610,5 +506,5 @@ class EchoServer:
         """Answer a broken request with ``status`` and close (h11 allows it once)."""
         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = f"{status} {_reason(status).decode().lower()}\n".encode()
-            headers = (*_TEXT_HEADERS, ("connection", "close"))
+            headers = (*TEXT_HEADERS, ("connection", "close"))
             await self._send(writer, connection, EchoResponse(status, body, headers))
