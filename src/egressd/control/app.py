@@ -21,6 +21,7 @@ from egressd.control import (
     api_identity,
     api_infra,
     api_policies,
+    api_tokens,
     api_tunnels,
     api_ui,
     problems,
@@ -72,6 +73,7 @@ def create_app(settings: ControlSettings, *, engine: Engine | None = None) -> Fa
     app.state.auth_throttle = AuthThrottle(settings.auth_failures_per_source, 60.0)
     problems.install(app)
     app.include_router(api_infra.router)
+    app.include_router(api_tokens.router)
     app.include_router(api_infra.public)
     app.include_router(api_accounts.router)
     app.include_router(api_identity.router)
