@@ -150,7 +150,12 @@ def test_a_repeated_connect_head_is_read_once_and_still_authenticated(
             writer.close()
         assert len(readers) == 1
         assert await settle(lambda: len(pop.records()) == 3)
-        assert [record["outcome"] for record in pop.records()] == ["ok"] * 3
+        records = pop.records()
+        assert [record["outcome"] for record in records] == ["ok"] * 3
+        # The remembered head makes the same flow record as the read one.
+        for record in records:
+            assert record["account"] == "alpha" and record["destination"] == "127.0.0.1"
+            assert record["source"].startswith("127.0.0.2:") and record["rule"] == records[0]["rule"]
         # Other bytes (another password) are read again, and refused.
         reader, writer = await asyncio.open_connection(*pop.address)
         token = base64.b64encode(f"{ANN[0]}:wrong".encode()).decode()
