@@ -8,12 +8,14 @@ import asyncio
 import base64
 import socket
 import struct
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 from tests.pop.test_http_forward import ANN, TIMEOUT, Origin, Pop, Run, run, settle
 
+from egressd.pop import deadlines
 from egressd.pop.runtime import PopOptions
 from egressd.protocols.http1 import RequestHeadReader, ResponseHeadReader
 
@@ -166,3 +168,34 @@ def test_a_repeated_connect_head_is_read_once_and_still_authenticated(
         assert answer.startswith(b"HTTP/1.1 407") and len(readers) == 2
         writer.close()
     run(body)
+
+
+def test_a_connect_that_hangs_gets_504_after_the_connect_timeout(run: Run) -> None:
+    """A real hanging connect: a listener whose accept queue is full drops further SYNs.
+    The handshake's connect timeout (one of the runtime's `Deadlines`) answers 504."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        held = []
+        try:
+            for _ in range(4):  # fill the accept queue: it is never accepted from
+                queued = socket.socket()
+                queued.setblocking(False)
+                queued.connect_ex(full.getsockname())
+                held.append(queued)
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            _reader, writer, status = await connect_tunnel(pop, f"127.0.0.1:{full.getsockname()[1]}")
+            waited = time.monotonic() - started
+            assert status == 504
+            assert 0.3 <= waited < 0.3 + deadlines.LATE_BY + 1.0
+            writer.close()
+            assert await settle(lambda: bool(pop.records()))
+            (record,) = pop.records()
+            assert record["outcome"] == "upstream-error" and "timed out" in record["error"]
+            assert not pop.listener.handshakes and len(pop.runtime.relays) == 0
+        finally:
+            for sock in (*held, full):
+                sock.close()
+    run(body, connect_timeout=0.3)
