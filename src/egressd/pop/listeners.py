@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Coroutine
@@ -123,7 +124,11 @@ class Listener:
             except OSError as exc:  # EMFILE and friends: log, keep the listener
                 log.warning("accept on %s failed: %s", self.url, exc)
                 return
-            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            try:
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError:  # the descriptor would not make a socket: do not leak it
+                os.close(fd)
+                continue
             if cap and per_source[peer[0]] >= cap:
                 # A source with this many unfinished requests is stalling us: close at
                 # once, before the connection costs a buffer or a timer (slowloris).
