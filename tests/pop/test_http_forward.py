@@ -785,3 +785,86 @@ def test_drain_closes_idle_connections_and_ends_busy_ones_after_their_answer(run
             assert await busy.rest() == b""
         assert await settle(lambda: not pop.listener.tasks)
     run(body)
+
+
+# --- known heads: a repeated request or response goes without a reader -------------------
+
+
+@pytest.fixture()
+def counted_readers(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Fresh known-head memos, and counts of the heads the PoP's readers read (not the test
+    client's or the origin's)."""
+    from egressd.pop import http_forward
+    from egressd.protocols.memo import WholeHeads
+
+    monkeypatch.setattr(http_forward, "_WHOLE_REQUESTS", WholeHeads())
+    monkeypatch.setattr(http_forward, "_WHOLE_RESPONSES", WholeHeads())
+    counts = {"requests": 0, "responses": 0}
+
+    class Requests(RequestHeadReader):
+        def next_head(self) -> Any:
+            head = super().next_head()
+            counts["requests"] += head is not None
+            return head
+
+    class Responses(ResponseHeadReader):
+        def next_head(self) -> Any:
+            head = super().next_head()
+            counts["responses"] += head is not None
+            return head
+
+    def head_reader(options: PopOptions) -> RequestHeadReader:
+        return Requests(max_request_line=options.max_request_line,
+                        max_header_section=options.max_header_section,
+                        max_fields=options.max_header_fields)
+
+    monkeypatch.setattr(PopOptions, "head_reader", head_reader)
+    monkeypatch.setattr(http_forward, "ResponseHeadReader", Responses)
+    return counts
+
+
+def test_repeated_requests_and_responses_are_forwarded_without_readers(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            answers = []
+            for _ in range(5):
+                await device.send(request("GET", origin.url("/who")))
+                answers.append(await device.answer())
+        # The first head is read by the handshake, the second by the connection's reader;
+        # the same bytes after that are known. The first response is read, then known.
+        assert counted_readers == {"requests": 2, "responses": 1}
+        assert len({answer.body for answer in answers}) == 1  # one kept upstream
+        for answer in answers:  # the known path forwards what the read one does
+            assert answer.status == 200 and answer.header("Via") == b"1.1 egressd"
+            assert answer.header("Content-Length") == str(len(answer.body)).encode()
+        assert len(origin.seen) == 5 and all(seen.headers[b"via"] == b"1.1 egressd" for seen in origin.seen)
+        records = pop.records()
+        assert [record["outcome"] for record in records] == ["ok"] * 5
+        assert len({record["flow_id"] for record in records}) == 5
+        assert {record["bytes_down"] for record in records} == {len(answers[0].body)}
+    run(body)
+
+
+def test_a_known_head_is_still_authenticated_and_framed_per_method(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """Known bytes skip the reader, not the checks: wrong credentials get 407 every time, a
+    HEAD's answer has no body though its head says Content-Length, and a known response
+    head whose body is not all in the read goes through the reader."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            for _ in range(3):
+                await device.send(request("GET", origin.url("/who"), ("ann-laptop", "wrong")))
+                denied = await device.answer()
+                assert denied.status == 407 and denied.body == b"407 Proxy Authentication Required\n"
+            for method in ("GET", "HEAD", "GET", "HEAD", "GET"):
+                await device.send(request(method, origin.url("/who")))
+                answer = await device.answer(method)
+                assert answer.status == 200 and (answer.body == b"" if method == "HEAD" else answer.body.isdigit())
+            for _ in range(3):  # 1 MiB: the head comes with only part of the body
+                await device.send(request("GET", origin.url("/big")))
+                assert (await device.answer()).body == BIG
+        outcomes = [record["outcome"] for record in pop.records()]
+        assert outcomes == ["auth-failed"] * 3 + ["ok"] * 8
+        assert counted_readers["responses"] >= 4  # the /big heads, and HEAD after GET
+    run(body)

@@ -934,3 +934,21 @@ def test_response_heads_are_memoized_per_request_method() -> None:
     assert out is forward_response_head(response("GET"), "egressd")
     assert b"keep-alive" not in out.lower() and out.endswith(b"Via: 1.1 egressd\r\n\r\n")
     assert forward_response_head(response("GET"), "egressd", close=True).endswith(b"Connection: close\r\n\r\n")
+
+
+def test_whole_heads_answer_only_for_the_same_bytes_and_setting() -> None:
+    from egressd.protocols.memo import MEMO_ENTRIES, MEMO_HEAD_BYTES, WholeHeads
+
+    memo: WholeHeads[str] = WholeHeads()
+    setting = object()
+    memo.put(b"GET / HTTP/1.1\r\n\r\n", setting, "head")
+    assert memo.get(b"GET / HTTP/1.1\r\n\r\n", setting) == "head"
+    assert memo.get(b"GET / HTTP/1.1\r\n\r\n", object()) is None  # other limits: read again
+    assert memo.get(b"GET /x HTTP/1.1\r\n\r\n", setting) is None
+    memo.put(b"r", "GET", "response")
+    assert memo.get(b"r", "GET") == "response" and memo.get(b"r", "HEAD") is None  # equal settings match
+    memo.put(b"x" * (MEMO_HEAD_BYTES + 1), setting, "large")
+    assert memo.get(b"x" * (MEMO_HEAD_BYTES + 1), setting) is None  # not kept
+    for n in range(MEMO_ENTRIES + 1):  # bounded: emptied when full
+        memo.put(str(n).encode(), setting, "n")
+    assert len(memo) <= MEMO_ENTRIES

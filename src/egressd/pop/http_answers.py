@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.identity import Identity
-from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.runtime import FlowRefused, PopRuntime, new_flow_id
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import HttpError, RequestHead, error_response, simple_response
 
@@ -22,9 +22,11 @@ def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], head: RequestHe
 
 
 def start_record(runtime: PopRuntime, peer: tuple[str, int], identity: Identity) -> FlowRecord:
-    record = runtime.new_record("tcp", peer)
-    record.account, record.user, record.device = identity.account, identity.user, identity.device
-    return record
+    """The record of a TCP flow of an authenticated device (`PopRuntime.new_record`, with
+    its identity, in one call: this runs per flow and per forwarded request)."""
+    return FlowRecord(flow_id=new_flow_id(runtime.code), protocol="tcp", connected_pop=runtime.code,
+                      client=f"{peer[0]}:{peer[1]}", account=identity.account, user=identity.user,
+                      device=identity.device)
 
 
 def failure_response(record: FlowRecord, exc: FlowRefused | UpstreamError) -> bytes:

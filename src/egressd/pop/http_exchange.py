@@ -83,7 +83,8 @@ class Exchange:
         self.upstream: KeptUpstream | None = None
         self.request_body: BodyTracker | None = None
         self.request_done = not head.body.has_body
-        self.response_reader = ResponseHeadReader(head.method)
+        # Made with the first response bytes, unless they are a response seen before.
+        self.response_reader: ResponseHeadReader | None = None
         self.response: ResponseHead | None = None  # the final head, once forwarded
         self.response_body: BodyTracker | None = None
         self.close_client = not head.keep_alive

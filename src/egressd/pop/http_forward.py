@@ -52,17 +52,20 @@ from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
+    BodyKind,
     BodyTracker,
     HttpError,
     RequestHead,
     RequestHeadReader,
     ResponseHead,
+    ResponseHeadReader,
     error_response,
     forward_head,
     forward_response_head,
     proxy_auth_required,
     simple_response,
 )
+from egressd.protocols.memo import WholeHeads
 from egressd.protocols.states import StateEnum
 
 log = logging.getLogger("egressd.pop.http")
@@ -97,6 +100,11 @@ _PAUSE_BACKLOG: Final = 2
 _PAUSE_DETACH: Final = 4
 #: States in which bytes may still be written to the client.
 _WRITABLE: Final = frozenset({_S.WAIT_HEAD, _S.CONNECTING, _S.EXCHANGE})
+
+#: Request heads that were all of a read, by those bytes and the options they were read
+#: under; response heads that began a response, by their bytes and the request method.
+_WHOLE_REQUESTS: WholeHeads[RequestHead] = WholeHeads()
+_WHOLE_RESPONSES: WholeHeads[ResponseHead] = WholeHeads()
 
 
 # --- the forwarding protocol -----------------------------------------------------------
@@ -257,11 +265,23 @@ class ForwardProxyProtocol(asyncio.Protocol):
         state = self.state
         exchange = self.exchange
         if state is State.WAIT_HEAD:
+            if self.head_pending:
+                self.reader.feed(data)
+                self._guarded(self._next_requests, None)
+                return
+            # The first bytes of a head: often a whole head sent before (a keep-alive
+            # client repeats its request), which needs no reader.
+            head = _WHOLE_REQUESTS.get(data, self.runtime.options)
+            if head is not None:
+                try:  # `_guarded`, inline (one call less per request)
+                    self._on_head(head, read=False)
+                except Exception as exc:
+                    self._step_failed(exc)
+                return
             self.reader.feed(data)
-            if not self.head_pending:
-                self.head_pending = True
-                self._arm(self.loop.time() + self.runtime.options.handshake_timeout)
-            self._guarded(self._next_requests, None)
+            self.head_pending = True
+            self._arm(self.loop.time() + self.runtime.options.handshake_timeout)
+            self._guarded(self._next_requests, None, data)
         elif exchange is not None and state is State.EXCHANGE and not exchange.request_done:
             self.active = True
             self._guarded(self._request_data, data)
@@ -302,10 +322,14 @@ class ForwardProxyProtocol(asyncio.Protocol):
         """Run a step; protocol and upstream errors end the exchange with their answer."""
         try:
             step(*args)
-        except (HttpError, UpstreamError) as error:
-            self._fail(error)
-        except Exception:  # a bug must cost one connection, never the PoP
-            log.exception("unexpected error in forward connection from %s:%s", *self.peer)
+        except Exception as exc:
+            self._step_failed(exc)
+
+    def _step_failed(self, exc: Exception) -> None:
+        if isinstance(exc, HttpError | UpstreamError):
+            self._fail(exc)
+        else:  # a bug must cost one connection, never the PoP
+            log.error("unexpected error in forward connection from %s:%s", *self.peer, exc_info=exc)
             self.abort("internal-error")
 
     def _write(self, data: bytes) -> None:
@@ -319,15 +343,20 @@ class ForwardProxyProtocol(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------------------
 
-    def _next_requests(self, head: RequestHead | None) -> None:
-        """Serve the heads the reader holds, one exchange at a time."""
+    def _next_requests(self, head: RequestHead | None, whole: bytes | None = None) -> None:
+        """Serve the heads the reader holds, one exchange at a time. `whole`: all the
+        reader holds, fed to an empty reader (remembered if it is exactly one head)."""
         while self.state is State.WAIT_HEAD:
             if head is None:
+                reader = self.reader
                 try:
-                    head = self.reader.next_head()
+                    head = reader.next_head()
                 except HttpError as error:
                     self._bad_request(error)
                     return
+                if whole is not None and head is not None and not reader.buffered:
+                    _WHOLE_REQUESTS.put(whole, self.runtime.options, head)
+                whole = None
                 if head is None:
                     if self.client_eof and self.head_pending:
                         self._bad_request(HttpError(400, "connection closed in the middle of a request head"))
@@ -345,7 +374,8 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self._write(error_response(error))
         self._close()
 
-    def _on_head(self, head: RequestHead) -> None:
+    def _on_head(self, head: RequestHead, *, read: bool = True) -> None:
+        """`read`: the head came from the reader (False: it was known, the reader is empty)."""
         if head.is_connect or head.is_origin_form:
             self._detach(head)
             return
@@ -370,9 +400,10 @@ class ForwardProxyProtocol(asyncio.Protocol):
         key = (identity.account, identity.user, head.host, head.port, snapshot.version)
         exchange = Exchange(head, record, key)
         self.exchange = exchange
-        rest = self.reader.remainder()
-        if rest:
-            self.backlog += rest
+        if read:
+            rest = self.reader.remainder()
+            if rest:
+                self.backlog += rest
         upstream = self.upstream
         if upstream is not None and (upstream.key != key or upstream.closed or not upstream.reusable):
             self._drop_upstream()  # never reused for another account, user, host or snapshot
@@ -465,12 +496,44 @@ class ForwardProxyProtocol(asyncio.Protocol):
             return
         self.active = True
         if exchange.response_body is None:
-            self._guarded(self._response_head_data, exchange, upstream, data)
+            try:  # `_guarded`, inline (one call less per response)
+                self._response_head_data(exchange, upstream, data)
+            except Exception as exc:
+                self._step_failed(exc)
         else:
             self._guarded(self._response_body_data, exchange, upstream, data)
 
+    def _known_response(self, exchange: Exchange, data: bytes) -> bool:
+        """The whole response in `data`, if its head was seen before with this method and
+        `data` is that head and exactly its body: forwarded without a reader or tracker."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        response = _WHOLE_RESPONSES.get(data[:end], exchange.head.method)
+        if response is None:
+            return False
+        framing = response.body
+        kind = framing.kind
+        length = len(data) - end
+        if not ((kind is BodyKind.CONTENT_LENGTH and framing.length == length)
+                or (kind is BodyKind.NONE and not length)):
+            return False
+        close = (exchange.close_client or not response.keep_alive
+                 or self.drain_requested or self.runtime.draining)
+        exchange.response, exchange.close_client = response, close
+        head = forward_response_head(response, self.runtime.options.via, close=close)
+        self._write(head + data[end:] if length else head)
+        exchange.record.bytes_down += length
+        self._finish_exchange(exchange)
+        return True
+
     def _response_head_data(self, exchange: Exchange, upstream: KeptUpstream, data: bytes) -> None:
         reader = exchange.response_reader
+        fresh = reader is None
+        if reader is None:
+            if self._known_response(exchange, data):
+                return
+            reader = exchange.response_reader = ResponseHeadReader(exchange.head.method)
         reader.feed(data)
         via = self.runtime.options.via
         out: list[bytes] = []
@@ -480,6 +543,10 @@ class ForwardProxyProtocol(asyncio.Protocol):
                 if out:
                     self._write(b"".join(out))  # 1xx heads
                 return
+            if fresh and not out and not response.is_interim:  # the first head of `data`
+                end = len(data) - reader.buffered
+                if data.find(b"\r\n\r\n") + 4 == end:  # no empty lines before it
+                    _WHOLE_RESPONSES.put(data[:end], exchange.head.method, response)
             close = (exchange.close_client or not response.keep_alive
                      or self.drain_requested or self.runtime.draining)
             out.append(forward_response_head(response, via, close=close))

@@ -48,7 +48,7 @@ from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_answers import failure_response, start_record
 from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
-from egressd.pop.runtime import FlowRefused, PopOptions, PopRuntime
+from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.socks_proxy import log_auth_failure, serve_request
 from egressd.pop.upstream import (
     UpstreamError,
@@ -65,6 +65,7 @@ from egressd.protocols.http1 import (
     error_response,
     simple_response,
 )
+from egressd.protocols.memo import WholeHeads
 from egressd.protocols.socks5 import (
     Command,
     CredentialsReceived,
@@ -93,10 +94,8 @@ _READING: Final = frozenset({State.SNIFF, State.HTTP_HEAD, State.SOCKS})
 
 #: CONNECT heads that were the whole of a connection's first read, and the options they
 #: were read under: the same bytes again need no reader (parsing is a pure function of
-#: them). Bounded in entries and bytes per entry; emptied when full.
-_CONNECT_HEADS: dict[bytes, tuple[PopOptions, RequestHead]] = {}
-_KNOWN_HEADS: Final = 512
-_KNOWN_HEAD_BYTES: Final = 2048
+#: them).
+_CONNECT_HEADS: WholeHeads[RequestHead] = WholeHeads()
 
 
 class HandshakeOwner(Protocol):
@@ -192,10 +191,9 @@ class PlainHandshake:
         (the reader's verdict on the same bytes cannot differ) from a device that
         authenticates; False: read it with a reader."""
         runtime = self.runtime
-        known = _CONNECT_HEADS.get(data)
-        if known is None or known[0] is not runtime.options:
+        head = _CONNECT_HEADS.get(data, runtime.options)
+        if head is None:
             return False
-        head = known[1]
         identity = runtime.authenticate(head.proxy_credentials, self.peer, count_failure=False)
         if identity is None:
             return False  # the reader path answers the 407 (and counts it)
@@ -223,10 +221,8 @@ class PlainHandshake:
         # The coroutine path answers (and counts) a failure: not counted here too.
         identity = (runtime.authenticate(head.proxy_credentials, self.peer, count_failure=False)
                     if head.is_connect else None)
-        if whole and identity is not None and not reader.buffered and len(data) <= _KNOWN_HEAD_BYTES:
-            if len(_CONNECT_HEADS) >= _KNOWN_HEADS:
-                _CONNECT_HEADS.clear()
-            _CONNECT_HEADS[data] = (runtime.options, head)
+        if whole and identity is not None and not reader.buffered:
+            _CONNECT_HEADS.put(data, runtime.options, head)
         if identity is None:  # not a CONNECT, or a 407 to answer: the coroutine path
             io = self._socket_io()
             if io is not None:

@@ -11,10 +11,12 @@ them.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 MEMO_HEAD_BYTES: Final = 2048
 MEMO_ENTRIES: Final = 512
+
+HeadT = TypeVar("HeadT")
 
 
 class RewriteMemo:
@@ -40,3 +42,32 @@ class RewriteMemo:
             self._entries.clear()
         self._entries[id(head)] = (head, via, flag, out)
         return out
+
+
+class WholeHeads(Generic[HeadT]):
+    """Heads by the exact bytes that were all a fresh reader was given to produce them,
+    and the reader's `setting` (its limits, or the request method for a response). The
+    reader's verdict on the same bytes under the same setting cannot differ, so the I/O
+    layer can skip the reader for a message that repeats, as devices' and origins' do.
+    Only heads that were read without error are put here."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[object, HeadT]] = {}
+
+    def get(self, data: bytes, setting: object) -> HeadT | None:
+        entry = self._entries.get(data)
+        if entry is not None and (entry[0] is setting or entry[0] == setting):
+            return entry[1]
+        return None
+
+    def put(self, data: bytes, setting: object, head: HeadT) -> None:
+        if len(data) > MEMO_HEAD_BYTES:
+            return
+        if len(self._entries) >= MEMO_ENTRIES:
+            self._entries.clear()
+        self._entries[data] = (setting, head)
+
+    def __len__(self) -> int:
+        return len(self._entries)
