@@ -6,7 +6,8 @@ reader registration on the PoP's `Poller` (`pop/poller.py`), parses with the san
 connects upstream. When that is done it hands the (client, upstream) pair to a
 `SpliceRelay`, whose reader replaces the handshake's on the client socket. A tunnel to an
 address literal that connects locally (the common case) costs no task and no coroutine:
-the connect is a writer callback on the socket `upstream.start_connect` made.
+the connect is a writer callback on the socket `upstream.start_connect` made, or nothing
+at all when the kernel finished it inside `connect` (a peer on this host).
 
 Theory of operation. A handshake is in one state at a time:
 

@@ -1,0 +1,71 @@
+"""`upstream.start_connect`: the speculative confirmation of a connect that the kernel
+finished before `connect` returned, and the waits it must still leave to the caller."""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from egressd.model.addresses import parse_address
+from egressd.pop.upstream import SocketOptions, UpstreamError, connect_outcome, start_connect
+
+LOCAL = parse_address("127.0.0.1")
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    yield sock
+    sock.close()
+
+
+def test_a_connect_the_kernel_finished_at_once_is_reported_connected(listener: socket.socket) -> None:
+    upstream, connected = start_connect(LOCAL, LOCAL, listener.getsockname()[1], SocketOptions())
+    try:
+        assert connected  # loopback: the handshake is done inside connect()
+        assert upstream.getpeername() == listener.getsockname()
+        assert connect_outcome(upstream, LOCAL, listener.getsockname()[1]) is None
+    finally:
+        upstream.close()
+
+
+def test_a_connect_still_in_progress_is_left_to_the_caller(listener: socket.socket) -> None:
+    """A listener whose accept queue is full drops further SYNs: the connect hangs."""
+    held = []
+    try:
+        for _ in range(4):
+            queued = socket.socket()
+            queued.setblocking(False)
+            queued.connect_ex(listener.getsockname())
+            held.append(queued)
+        upstream, connected = start_connect(LOCAL, LOCAL, listener.getsockname()[1], SocketOptions())
+        held.append(upstream)
+        assert not connected
+        assert select.select([], [upstream], [], 0.05)[1] == []  # not writable: still connecting
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_refused_connect_is_an_error_not_a_connection() -> None:
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    try:
+        upstream, connected = start_connect(LOCAL, LOCAL, port, SocketOptions())
+    except UpstreamError as error:  # refused inside connect() itself
+        assert "refused" in error.reason
+        return
+    try:
+        assert not connected
+        select.select([], [upstream], [], 1.0)
+        error = connect_outcome(upstream, LOCAL, port)
+        assert error is not None and "refused" in error.reason
+    finally:
+        upstream.close()
