@@ -27,6 +27,7 @@ from egressd.pop.client_io import ClientIO, SocketIO, StreamIO, guarded
 from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.http_proxy import serve_http
 from egressd.pop.plain_handshake import PlainHandshake
+from egressd.pop.poller import Poller
 from egressd.pop.runtime import PopRuntime
 from egressd.pop.socks_proxy import serve_socks5
 from egressd.protocols.http1 import RequestHead, RequestHeadReader
@@ -86,9 +87,10 @@ class Listener:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.forward_connections: set[ForwardProxyProtocol] = set()
         self.address: tuple[str, int] = (spec.host, spec.port)
+        self.poller: Poller | None = None  # where a plain listener waits for connections
 
     async def start(self) -> None:
-        loop = self.loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         sock = _bind(self.spec.host, self.spec.port, self.reuse_port)
         self.address = sock.getsockname()[:2]
         if self.spec.tls:
@@ -98,7 +100,10 @@ class Listener:
             )
         else:
             self.sock = sock
-            loop.add_reader(sock.fileno(), self._on_acceptable)
+            # In the PoP's poller, with the handshakes and relays: a wake-up that finds
+            # connections to accept and tunnel events too is one dispatch, not two.
+            self.poller = self.runtime.poller
+            self.poller.add_reader(sock.fileno(), self._on_acceptable)
 
     @property
     def url(self) -> str:
@@ -196,8 +201,9 @@ class Listener:
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            if self.poller is not None:
+                self.poller.remove_reader(self.sock.fileno())
+                self.poller = None
             self.sock.close()
             self.sock = None
         if self.server is not None:
