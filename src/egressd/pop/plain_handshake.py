@@ -143,12 +143,14 @@ class PlainHandshake:
 
     def start(self) -> None:
         self.owner.handshakes.add(self)
-        self.timer = self.runtime.deadlines.add(self.runtime.options.handshake_timeout, self._on_timeout)
-        # The request is often there already: read before registering.
+        # The request is often there already: read before registering, and before the
+        # handshake timeout, which a request read whole at once never needs.
         self._on_readable()
-        if self.state in _READING and not self.reading:
-            self.reading = True
-            self.poller.add_reader(self.sock.fileno(), self._on_readable)
+        if self.state in _READING:
+            self.timer = self.runtime.deadlines.add(self.runtime.options.handshake_timeout, self._on_timeout)
+            if not self.reading:
+                self.reading = True
+                self.poller.add_reader(self.sock.fileno(), self._on_readable)
 
     # --- reading the request ----------------------------------------------------------
 
@@ -364,7 +366,8 @@ class PlainHandshake:
         if self.socks is not None or self.runtime.flowlog.read:
             local = upstream.getsockname()
             record.local_address = f"{local[0]}:{local[1]}"
-        self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
+        # `runtime.observe_connect`, one call less (the path is a StrEnum: its string)
+        self.runtime.flow_metrics.connect_observed(decision.path or "-", time.monotonic() - self.connect_started)
         self._tunnel(upstream, local)
 
     def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:

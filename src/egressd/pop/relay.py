@@ -105,10 +105,6 @@ class _Direction:
         self.reading = False
         self.writing = False
 
-    def start(self) -> None:
-        self.reading = True
-        self.relay.readiness.add_reader(self.src.fileno(), self.on_readable)
-
     def on_readable(self) -> None:
         relay = self.relay
         pool = relay.pool
@@ -267,13 +263,13 @@ class SpliceRelay:
         """Register both readers. `replacing_writer`: the upstream has a writer in this
         poller (the connect's) that the upstream's reader replaces in one change."""
         self.registry.add(self)
-        self.up.start()
+        up, down = self.up, self.down
+        up.reading = down.reading = True
+        self.readiness.add_reader(self.client.fileno(), up.on_readable)
         if replacing_writer is not None:
-            down = self.down
-            down.reading = True
             replacing_writer.swap_to_reader(self.upstream.fileno(), down.on_readable)
         else:
-            self.down.start()
+            self.readiness.add_reader(self.upstream.fileno(), down.on_readable)
 
     def fail(self, direction: _Direction, exc: OSError, *, reading: bool) -> None:
         """An error on a socket: `reading` says it came from the direction's source."""
