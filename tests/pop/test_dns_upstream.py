@@ -67,9 +67,16 @@ class TrickyUpstream(asyncio.DatagramProtocol):
 async def tricky() -> AsyncIterator[tuple[TrickyUpstream, int]]:
     loop = asyncio.get_running_loop()
     upstream = TrickyUpstream()
-    transport, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
-    port = transport.get_extra_info("sockname")[1]
-    server = await asyncio.start_server(upstream.tcp, "127.0.0.1", port)
+    for _attempt in range(20):  # the UDP port's number may be taken for TCP (a client's port)
+        transport, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            server = await asyncio.start_server(upstream.tcp, "127.0.0.1", port)
+            break
+        except OSError:
+            transport.close()
+    else:
+        pytest.fail("no port free for both UDP and TCP on 127.0.0.1")
     try:
         yield upstream, port
     finally:

@@ -199,3 +199,55 @@ def test_a_connect_that_hangs_gets_504_after_the_connect_timeout(run: Run) -> No
             for sock in (*held, full):
                 sock.close()
     run(body, connect_timeout=0.3)
+
+
+def test_the_listener_waits_in_the_pops_poller_and_leaves_it_when_it_stops(run: Run) -> None:
+    """One epoll set for the listener, the handshakes and the relays; none of it left behind."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        poller = pop.runtime.poller
+        assert len(poller) == 1  # the listening socket
+        reader, writer, status = await connect_tunnel(pop, f"{origin.address[0]}:{origin.address[1]}")
+        assert status == 200
+        assert len(poller) == 3  # and the tunnel's two sockets
+        await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: len(poller) == 1)
+        pop.listener.stop_accepting()
+        assert len(poller) == 0
+    run(body)
+
+
+def test_a_request_read_whole_at_once_sets_no_handshake_timer(run: Run) -> None:
+    """The handshake timeout guards requests still being read; a CONNECT that came whole
+    with the connection never needs one (and a timer per tunnel costs)."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        added: list[float] = []
+        add = deadlines.Deadlines.add
+
+        def counting(self: deadlines.Deadlines, duration: float, callback: Any) -> Any:
+            added.append(duration)
+            return add(self, duration, callback)
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(deadlines.Deadlines, "add", counting)
+        token = base64.b64encode(f"{ANN[0]}:{ANN[1]}".encode()).decode()
+        authority = f"{origin.address[0]}:{origin.address[1]}"
+        # The PoP accepts only once the request is there: whole at the first read.
+        poller, listening = pop.runtime.poller, pop.listener.sock
+        assert listening is not None
+        poller.remove_reader(listening.fileno())
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(pop.address)
+        await asyncio.sleep(0.05)
+        sock.send(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                  f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+        await asyncio.sleep(0.05)
+        poller.add_reader(listening.fileno(), pop.listener._on_acceptable)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        async with asyncio.timeout(TIMEOUT):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        patch.undo()
+        assert added == []  # nor a connect timer: a connect on this host is done at once
+        writer.close()
+    run(body, handshake_timeout=3.0, connect_timeout=7.0)
