@@ -11,6 +11,10 @@ do per tunnel and per request; no authentication, validation or decision), as th
 `floor`: `ratio_to_floor` says how much of the way from Python's floor egressd is. The
 floor is not a peer: no goal is judged against it.
 
+egressd runs with `--workers 2` (`--workers N`), and unless `--no-one-worker` also on its
+default of one worker, as the HTTP target `egressd-1w`: on a small machine that the load
+generator and the origin share, one worker can do better than two.
+
     python benchmarks/proxy.py                 # full run, about 15 min on 2 cores
     python benchmarks/proxy.py --quick         # about 3 min, for a look
 """
@@ -41,21 +45,37 @@ TARGETS = [
     ("bulk-4", "mb_per_s", "egressd-socks", "dante", 1.5),
     ("connect-c64", "tunnels_per_s", "egressd-socks", "dante", 1.0),
     ("idle", "rss_per_tunnel_kib", "egressd-socks", None, 5.0),
+    # egressd on its default of one worker, beside the two-worker target (HTTP only)
+    ("bulk-1", "mb_per_s", "egressd-1w", "best", 1.5),
+    ("bulk-4", "mb_per_s", "egressd-1w", "best", 1.5),
+    ("connect-c64", "tunnels_per_s", "egressd-1w", "haproxy", 1.0),
+    ("connect-c1", "lat_p50_ms", "egressd-1w", "haproxy", None),
+    ("http-c64", "req_per_s", "egressd-1w", "haproxy", 1.0),
+    ("idle", "rss_per_tunnel_kib", "egressd-1w", None, 5.0),
 ]
+#: Targets of this script (the rest of a run's targets are peers, the floor and direct).
+OURS = ("egressd", "egressd-socks", "egressd-1w", "floor")
 
 
 def run_harness(args: argparse.Namespace, summary: Path) -> None:
     deployment = HERE / "deployment.toml"
     # The harness is one client address opening thousands of tunnels at once: the per-source
     # caps against slowloris and floods (issue 9; the peers have none by default) are off.
-    command = (f"{sys.executable} -m egressd pop -d {deployment} --pop bench --listen 127.0.0.1:{{port}} "
-               f"--flow-log off --workers {args.workers} --log-level warning "
-               "--max-handshakes-per-source 0 --max-connections-per-source 0 --max-flows-per-source 0")
+    def command(workers: int) -> str:
+        return (f"{sys.executable} -m egressd pop -d {deployment} --pop bench --listen 127.0.0.1:{{port}} "
+                f"--flow-log off --workers {workers} --log-level warning "
+                "--max-handshakes-per-source 0 --max-connections-per-source 0 --max-flows-per-source 0")
+
+    one_worker = []
+    if args.one_worker and args.workers != 1:
+        one_worker = ["--extra", f"egressd-1w={command(1)}",
+                      "--extra-proxy", "egressd-1w=http://bench:bench-secret@127.0.0.1:{port}"]
     argv = [str(HARNESS / "run_peers.sh"), "--peers", args.peers,
-            "--extra", f"egressd={command}", "--extra-proxy", "egressd=http://bench:bench-secret@127.0.0.1:{port}",
-            "--extra", f"egressd-socks={command}",
+            "--extra", f"egressd={command(args.workers)}",
+            "--extra-proxy", "egressd=http://bench:bench-secret@127.0.0.1:{port}",
+            "--extra", f"egressd-socks={command(args.workers)}",
             "--extra-proxy", "egressd-socks=socks5://bench:bench-secret@127.0.0.1:{port}",
-            *floor_extra(args),
+            *one_worker, *floor_extra(args),
             "--json-summary", str(summary), "--out", str(args.out)]
     if args.quick:
         argv += ["--reps", "1", "--duration", "1.5", "--bulk-max-seconds", "2", "--idle-count", "2000"]
@@ -78,8 +98,7 @@ def figures(summary: dict, target: str) -> dict:  # type: ignore[type-arg]
 def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
     lines = []
     direct = figures(summary, "direct")
-    peers = [name for name in summary["targets"]
-             if name not in ("direct", "egressd", "egressd-socks", "floor")]
+    peers = [name for name in summary["targets"] if name != "direct" and name not in OURS]
     floor = figures(summary, "floor")
     for test, figure, target, against, goal in TARGETS:
         mine = figures(summary, target).get(test, {})
@@ -129,6 +148,8 @@ def main() -> None:
     parser.add_argument("--peers", default=PEERS, help=f"comma-separated peers (default {PEERS})")
     parser.add_argument("--workers", type=int, default=2,
                         help="egressd (and floor) worker processes (default 2)")
+    parser.add_argument("--no-one-worker", dest="one_worker", action="store_false",
+                        help="do not also measure egressd on one worker (its default), as egressd-1w")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="do not measure floor_proxy.py, the Python floor")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "egressd-bench")
