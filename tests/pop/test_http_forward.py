@@ -868,3 +868,26 @@ def test_a_known_head_is_still_authenticated_and_framed_per_method(
         assert outcomes == ["auth-failed"] * 3 + ["ok"] * 8
         assert counted_readers["responses"] >= 4  # the /big heads, and HEAD after GET
     run(body)
+
+
+def test_the_same_request_again_is_refused_once_a_new_snapshot_revokes_the_device(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """A connection remembers its last request's identity only for the snapshot it was
+    checked under: the same bytes after the device is revoked get 407, the other account's
+    device goes on."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            for _ in range(3):  # read, then known, then this connection's last request
+                await device.send(request("GET", origin.url("/who")))
+                assert (await device.answer()).status == 200
+            revoked = load_deployment(DEPLOYMENT.replace(f'id = "ann-laptop"\n  user = "ann"\n  secret_sha256 = "{_DIGEST}"',
+                                                         'id = "ann-laptop"\n  user = "ann"\n  secret_sha256 = "' + "0" * 64 + '"'))
+            pop.runtime.state.replace(revoked)
+            await device.send(request("GET", origin.url("/who")))
+            assert (await device.answer()).status == 407
+        async with client(pop.address) as other:
+            await other.send(request("GET", origin.url("/who"), BOB))
+            assert (await other.answer()).status == 200
+        outcomes = [record["outcome"] for record in pop.records()]
+        assert outcomes == ["ok"] * 3 + ["auth-failed", "ok"]
+    run(body)
