@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -512,3 +512,22 @@ def reserve_port(host: str = "127.0.0.1") -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, 0))
     return sock
+
+
+async def udp_and_tcp_on_one_port(
+        udp: Callable[[], asyncio.DatagramProtocol],
+        tcp: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        host: str = "127.0.0.1") -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
+    """A UDP endpoint and a TCP server on one port number, as a DNS server has. A free UDP
+    port's number may be taken for TCP (another connection's local port): another is tried."""
+    loop = asyncio.get_running_loop()
+    for _attempt in range(50):
+        transport, _ = await loop.create_datagram_endpoint(udp, local_addr=(host, 0))
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            server = await asyncio.start_server(tcp, host, port)
+        except OSError:
+            transport.close()
+            continue
+        return transport, server, port
+    raise RuntimeError("no port free for both UDP and TCP")

@@ -25,6 +25,7 @@ import dns.message
 import dns.rcode
 import httpx
 import pytest
+from tests.e2e.helpers import udp_and_tcp_on_one_port
 
 from egressd.echo.server import EchoServer
 from egressd.lab.dns_server import DnsServer, Zone, _Udp
@@ -71,23 +72,13 @@ def free_udp_tcp_port() -> int:
 
 
 async def make_world(egressd_process: Start, tmp_path: Path, *extra: str) -> AsyncIterator[World]:
-    loop = asyncio.get_running_loop()
     echo = EchoServer()
     await echo.start("127.0.0.1", http_port=0, udp_port=None)
     assert echo.http_port is not None
     zone = Zone("lab.egressd.test", {NAME: ["127.0.0.1"], "*.echo.lab.egressd.test": ["127.0.0.1"]})
     upstream_log = io.StringIO()
     server = DnsServer(zone, upstream_log)
-    for _attempt in range(50):  # the UDP port's number may be taken for TCP (a connection's)
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(server), local_addr=("127.0.0.1", 0))
-        upstream_port = transport.get_extra_info("sockname")[1]
-        try:
-            tcp = await asyncio.start_server(server.tcp, "127.0.0.1", upstream_port)
-            break
-        except OSError:
-            transport.close()
-    else:
-        raise RuntimeError("no port free for both UDP and TCP")
+    transport, tcp, upstream_port = await udp_and_tcp_on_one_port(lambda: _Udp(server), server.tcp)
     pki = tmp_path / "pki"
     cert = ensure_server_cert(pki, "pop", ["localhost"], ["127.0.0.1"], ensure_ca(pki))
     dns_port = free_udp_tcp_port()

@@ -15,6 +15,7 @@ import dns.flags
 import dns.message
 import dns.rrset
 import pytest
+from tests.e2e.helpers import udp_and_tcp_on_one_port
 
 from egressd.pop.dns_service import DnsService
 from egressd.pop.dns_upstream import UpstreamSockets, UpstreamTimeout
@@ -65,18 +66,8 @@ class TrickyUpstream(asyncio.DatagramProtocol):
 
 @pytest.fixture
 async def tricky() -> AsyncIterator[tuple[TrickyUpstream, int]]:
-    loop = asyncio.get_running_loop()
     upstream = TrickyUpstream()
-    for _attempt in range(20):  # the UDP port's number may be taken for TCP (a client's port)
-        transport, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
-        port = transport.get_extra_info("sockname")[1]
-        try:
-            server = await asyncio.start_server(upstream.tcp, "127.0.0.1", port)
-            break
-        except OSError:
-            transport.close()
-    else:
-        pytest.fail("no port free for both UDP and TCP on 127.0.0.1")
+    transport, server, port = await udp_and_tcp_on_one_port(lambda: upstream, upstream.tcp)
     try:
         yield upstream, port
     finally:
