@@ -407,3 +407,68 @@ def test_udp_parser_raises_only_protocol_error(data: bytes) -> None:
     except ProtocolError:
         return
     assert build_udp_datagram(datagram.host, datagram.port, datagram.payload, frag=datagram.frag)
+
+
+# --- remembered messages: a device repeats its dialogue --------------------------------
+
+
+@pytest.fixture
+def fresh_memo(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """An empty message memo, and how often each parser ran."""
+    from egressd.protocols import socks5
+    from egressd.protocols.memo import WholeHeads
+
+    monkeypatch.setattr(socks5, "_KNOWN_MESSAGES", WholeHeads())
+    counts = {"greeting": 0, "auth": 0, "request": 0}
+    for name in counts:
+        original = getattr(Socks5Server, f"_parse_{name}")
+
+        def counting(self: Socks5Server, _original: Callable[..., object] = original, _name: str = name) -> object:
+            counts[_name] += 1
+            return _original(self)
+
+        monkeypatch.setattr(Socks5Server, f"_parse_{name}", counting)
+    return counts
+
+
+def _dialogue(server: Socks5Server, reply_host: str = "192.0.2.1") -> tuple[list[Event], bytes, Socks5State]:
+    events = server.receive_data(GREETING)
+    out = server.data_to_send()
+    events += server.receive_data(AUTH)
+    out += server.data_to_send() + server.accept_credentials()
+    events += server.receive_data(request())
+    out += server.data_to_send()
+    return events, out, state(server)
+
+
+def test_a_repeated_dialogue_is_parsed_once_with_the_same_events_output_and_state(
+        fresh_memo: dict[str, int]) -> None:
+    first = _dialogue(Socks5Server())
+    parsed = dict(fresh_memo)
+    for _ in range(3):
+        assert _dialogue(Socks5Server()) == first
+    assert fresh_memo == parsed  # no parser ran again
+    assert first[2] is Socks5State.AWAITING_REPLY
+    # Another state for the same bytes, other bytes, or the other no-auth setting: parsed.
+    server = Socks5Server(allow_no_auth=True)
+    assert server.receive_data(GREETING) == [MethodSelected(Method.USERNAME_PASSWORD)]
+    assert fresh_memo["greeting"] == parsed["greeting"] + 1
+
+
+def test_split_messages_and_failures_are_never_remembered(fresh_memo: dict[str, int]) -> None:
+    for _ in range(2):
+        server = Socks5Server()
+        for byte in GREETING:  # split: parsed every time
+            server.receive_data(bytes([byte]))
+        assert state(server) is Socks5State.AUTH
+    for _ in range(2):  # a failure is found again, with its reply, each time
+        server = Socks5Server()
+        events = server.receive_data(b"\x05\x00")
+        assert events == [ProtocolFailure(None, "no authentication method offered")]
+        assert server.data_to_send() == b"\x05\xff" and state(server) is Socks5State.FAILED
+    # A message followed by tunnel bytes in the same read is parsed each time too.
+    for _ in range(2):
+        server = authenticated()
+        server.receive_data(request() + b"early")
+        assert server.remainder() == b"early"
+    assert fresh_memo["request"] == 2  # parsed both times

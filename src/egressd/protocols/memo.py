@@ -1,4 +1,4 @@
-"""Memos for the HTTP codec: a device repeats itself.
+"""Memos for the codecs (HTTP/1.1, and SOCKS5's messages): a device repeats itself.
 
 Parsing and rewriting a head are pure functions of its bytes, and heads repeat: a device
 sends the same CONNECT to the same host again and again, and the same request on a
@@ -45,11 +45,11 @@ class RewriteMemo:
 
 
 class WholeHeads(Generic[HeadT]):
-    """Heads by the exact bytes that were all a fresh reader was given to produce them,
-    and the reader's `setting` (its limits, or the request method for a response). The
-    reader's verdict on the same bytes under the same setting cannot differ, so the I/O
-    layer can skip the reader for a message that repeats, as devices' and origins' do.
-    Only heads that were read without error are put here."""
+    """Heads (or any parse result) by the exact bytes that were all a fresh reader was
+    given to produce them, and the reader's `setting` (its limits, the request method for
+    a response, a SOCKS5 server's state). The reader's verdict on the same bytes under the
+    same setting cannot differ, so a message that repeats, as devices' and origins' do,
+    needs no reader. Only results read without error are put here."""
 
     __slots__ = ("_entries",)
 

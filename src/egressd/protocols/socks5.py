@@ -50,6 +50,7 @@ from typing import Final
 
 from egressd.protocols.authority import normalize_host
 from egressd.protocols.http1_body import ProtocolError
+from egressd.protocols.memo import WholeHeads
 from egressd.protocols.states import StateEnum
 
 __all__ = [
@@ -274,6 +275,10 @@ def encode_address(host: str, port: int) -> bytes:
 
 # --- the TCP dialogue ------------------------------------------------------------------
 
+#: Messages by their bytes and the (state, allow_no_auth) they were parsed in: the state
+#: after them, their events (frozen: safe to share) and the bytes they made the server send.
+_KNOWN_MESSAGES: WholeHeads[tuple[Socks5State, tuple[Event, ...], bytes]] = WholeHeads()
+
 
 class Socks5Server:
     """One SOCKS5 control connection, server side.
@@ -307,6 +312,25 @@ class Socks5Server:
             return []
         if self._state is _St.DONE:
             raise Socks5StateError("the dialogue is over: the bytes belong to the tunnel")
+        if self._buf or not data or type(data) is not bytes:
+            return self._receive(data)
+        # A message that was all of a read, in a state it was seen in before: its events,
+        # output and next state are those of last time (a device repeats its greeting,
+        # credentials and request on every connection). Only clean parses are remembered.
+        setting = (self._state, self._allow_no_auth)
+        known = _KNOWN_MESSAGES.get(data, setting)
+        if known is not None:
+            self._state = known[0]
+            if known[2]:
+                self._out += known[2]
+            return list(known[1])
+        out_before = len(self._out)
+        events = self._receive(data)
+        if events and not self._buf and not any(isinstance(event, ProtocolFailure) for event in events):
+            _KNOWN_MESSAGES.put(data, setting, (self._state, tuple(events), bytes(self._out[out_before:])))
+        return events
+
+    def _receive(self, data: bytes | bytearray) -> list[Event]:
         self._buf += data
         events: list[Event] = []
         while True:
@@ -328,6 +352,8 @@ class Socks5Server:
 
     def data_to_send(self) -> bytes:
         """Take the bytes the machine produced on its own (method choice, failure reply)."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
