@@ -376,6 +376,9 @@ def test_an_interrupted_run_puts_the_lab_back(lab_name: str) -> None:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130 and "interrupted" in err, err
-    assert lab.pop_pids("lax") and lab.api("GET", "/v1/accounts/acme/settings/network") == before
+    log = lab.directory / "pop-lax.log"
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    assert lab.pop_pids("lax"), f"lax was not running after the run; its log ends:\n{tail}\nthe run said:\n{err}"
+    assert lab.api("GET", "/v1/accounts/acme/settings/network") == before
     status = json.loads(lab_cli("status", "--name", lab_name, "--json").stdout)
     assert all(peer["up"] for pop in status["pops"].values() for peer in pop["peers"].values())
