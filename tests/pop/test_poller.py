@@ -26,6 +26,15 @@ async def turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
+async def writing(fd: int, seen: list[str]) -> Poller:
+    """A poller whose writer on `fd` has been called (an empty send buffer is writable)."""
+    poller = Poller(asyncio.get_running_loop())
+    poller.add_writer(fd, seen.append, "write")
+    await turns()
+    assert "write" in seen
+    return poller
+
+
 async def test_a_reader_is_called_while_bytes_are_unread_and_not_after_removal(
         pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
@@ -50,11 +59,8 @@ async def test_a_reader_is_called_while_bytes_are_unread_and_not_after_removal(
 
 async def test_reader_and_writer_on_one_descriptor(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    poller = Poller(asyncio.get_running_loop())
     seen: list[str] = []
-    poller.add_writer(a.fileno(), seen.append, "write")
-    await turns()
-    assert "write" in seen  # an empty send buffer is writable
+    poller = await writing(a.fileno(), seen)
     poller.add_reader(a.fileno(), seen.append, "read")
     poller.remove_writer(a.fileno())  # the reader keeps the registration
     seen.clear()
@@ -66,11 +72,8 @@ async def test_reader_and_writer_on_one_descriptor(pair: tuple[socket.socket, so
 
 async def test_swap_to_reader_replaces_the_writer(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    poller = Poller(asyncio.get_running_loop())
     seen: list[str] = []
-    poller.add_writer(a.fileno(), seen.append, "write")
-    await turns()
-    assert "write" in seen
+    poller = await writing(a.fileno(), seen)
     poller.swap_to_reader(a.fileno(), seen.append, "read")
     seen.clear()
     await turns()

@@ -366,8 +366,7 @@ class PlainHandshake:
         if self.socks is not None or self.runtime.flowlog.read:
             local = upstream.getsockname()
             record.local_address = f"{local[0]}:{local[1]}"
-        # `runtime.observe_connect`, one call less (the path is a StrEnum: its string)
-        self.runtime.flow_metrics.connect_observed(decision.path or "-", time.monotonic() - self.connect_started)
+        self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
         self._tunnel(upstream, local)
 
     def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from egressd.decide import Decision, Flow, HealthView, Path, decide_private_name
-from egressd.model.addresses import IPAddress, address_literal, address_text
+from egressd.model.addresses import IPAddress, address_text
 from egressd.model.snapshot import Snapshot
 from egressd.pop.admission import AdmissionLimits, AuthThrottle, SourceCounter
 from egressd.pop.config_status import ConfigStatus
@@ -363,26 +363,19 @@ class PopRuntime:
         and its decision connects locally with nothing to send first. The caller connects
         it with `upstream.start_connect` and fills `record.local_address`. None: use
         `open_tcp`. Raises FlowRefused; fills the record's decision either way."""
-        address = address_literal(host)  # `resolver.literal`, one call less
+        address = self.resolver.literal(host)
         if address is None:
             return None
         record.port = port
-        # `_candidates` for one literal address, inline: this runs per tunnel.
-        if record.admitted is None:
-            self.admit(record, identity)
-        record.hostname = None
-        state = self.state
-        decision = self._decisions.decide(state.snapshot, state.view, identity, "tcp", address, port, None)
-        record.decision = decision
-        if decision.refused:
-            record.destination = record.destination or address_text(address)
-            raise FlowRefused(decision)
-        record.destination = address_text(address)
+        candidates = self._candidates(identity, host, port, (address,), record)
+        if len(candidates) != 1:
+            return None
+        decision = candidates[0][1]
         if (decision.source_address is None or decision.egress_pop not in (None, self.code)
                 or decision.path is Path.PRIVATE_ROUTE
                 or (decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None)):
             return None
-        return address, decision
+        return candidates[0]
 
     def _candidates(self, identity: Identity, host: str, port: int, addresses: tuple[IPAddress, ...],
                     record: FlowRecord) -> list[tuple[IPAddress, Decision]]:
