@@ -891,3 +891,25 @@ def test_the_same_request_again_is_refused_once_a_new_snapshot_revokes_the_devic
         outcomes = [record["outcome"] for record in pop.records()]
         assert outcomes == ["ok"] * 3 + ["auth-failed", "ok"]
     run(body)
+
+
+def test_a_connection_rewrites_each_head_for_what_it_is_sent_with(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """A connection keeps its last rewritten request and response heads: alternating
+    requests each go up as themselves, and the same response head goes back with
+    `Connection: close` once the request asks for it."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            tries = ["1", "2", "2", "1", "2"]
+            for number in tries:
+                await device.send(request("GET", origin.url("/who"), headers=(f"X-Try: {number}",)))
+                answer = await device.answer()
+                assert answer.status == 200 and answer.header("Connection") is None
+            await device.send(request("GET", origin.url("/who"), headers=("X-Try: 1", "Connection: close")))
+            last = await device.answer()
+            assert last.status == 200 and last.header("Connection") == b"close"
+            assert await device.rest() == b""
+        assert [seen.headers[b"x-try"] for seen in origin.seen] == [n.encode() for n in [*tries, "1"]]
+        assert all(seen.headers[b"via"] == b"1.1 egressd" for seen in origin.seen)
+        assert counted_readers["responses"] == 1  # every response after the first was known
+    run(body)

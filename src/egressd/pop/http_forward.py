@@ -146,6 +146,11 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.deadline = self.timer_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.active = False
+        # The last rewrites sent, by the parsed head they came from (the memos return the
+        # same head object for the same bytes): a keep-alive client repeats its request,
+        # and its origin its response, so most exchanges rewrite nothing.
+        self.sent_request: tuple[RequestHead | None, str, bytes] = (None, "", b"")
+        self.sent_response: tuple[ResponseHead | None, str, bool, bytes] = (None, "", False, b"")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -454,12 +459,24 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self._maybe_done()
 
     def _begin(self, exchange: Exchange, upstream: KeptUpstream) -> None:
-        self._goto(State.EXCHANGE)
+        if self.state is not State.WAIT_HEAD and self.state is not State.CONNECTING:
+            self._goto(State.EXCHANGE)  # raises: `_goto`'s check, inline (once per request)
+        self.state = State.EXCHANGE
         self.active = True
+        options = self.runtime.options
         if self.timer is None:  # the first request: nothing armed the timer yet
-            self._arm(self.loop.time() + self.runtime.options.idle_timeout)
+            self._arm(self.loop.time() + options.idle_timeout)
         exchange.upstream = upstream
-        upstream.write(forward_head(exchange.head, self.runtime.options.via))
+        head, via = exchange.head, options.via
+        sent = self.sent_request
+        if sent[0] is head and sent[1] is via:
+            out = sent[2]
+        else:
+            out = forward_head(head, via)
+            self.sent_request = (head, via, out)
+        transport = upstream.transport  # `upstream.write`, inline
+        if transport is not None and not upstream.closed:
+            transport.write(out)
         if exchange.request_done:
             return
         exchange.request_body = BodyTracker(exchange.head.body)
@@ -497,6 +514,8 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.active = True
         if exchange.response_body is None:
             try:  # `_guarded`, inline (one call less per response)
+                if exchange.response_reader is None and self._known_response(exchange, data):
+                    return
                 self._response_head_data(exchange, upstream, data)
             except Exception as exc:
                 self._step_failed(exc)
@@ -521,8 +540,15 @@ class ForwardProxyProtocol(asyncio.Protocol):
         close = (exchange.close_client or not response.keep_alive
                  or self.drain_requested or self.runtime.draining)
         exchange.response, exchange.close_client = response, close
-        head = forward_response_head(response, self.runtime.options.via, close=close)
-        self._write(head + data[end:] if length else head)
+        via = self.runtime.options.via
+        sent = self.sent_response
+        if sent[0] is response and sent[1] is via and sent[2] is close:
+            head = sent[3]
+        else:
+            head = forward_response_head(response, via, close=close)
+            self.sent_response = (response, via, close, head)
+        if self.transport is not None and self.state in _WRITABLE:  # `_write`, inline
+            self.transport.write(head + data[end:] if length else head)
         exchange.record.bytes_down += length
         self._finish_exchange(exchange)
         return True
@@ -530,9 +556,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
     def _response_head_data(self, exchange: Exchange, upstream: KeptUpstream, data: bytes) -> None:
         reader = exchange.response_reader
         fresh = reader is None
-        if reader is None:
-            if self._known_response(exchange, data):
-                return
+        if reader is None:  # (`upstream_data` tried `_known_response` first)
             reader = exchange.response_reader = ResponseHeadReader(exchange.head.method)
         reader.feed(data)
         via = self.runtime.options.via
@@ -619,8 +643,14 @@ class ForwardProxyProtocol(asyncio.Protocol):
         elif self.client_eof:  # half-closed, and nothing more came before
             self._close()
         else:  # the reader is empty: nothing to parse until data_received
-            self._goto(State.WAIT_HEAD)
-            self._arm(self.loop.time() + self.runtime.options.idle_timeout)
+            if self.state is not State.EXCHANGE:
+                self._goto(State.WAIT_HEAD)  # raises: `_goto`'s check, inline
+            self.state = State.WAIT_HEAD
+            deadline = self.loop.time() + self.runtime.options.idle_timeout
+            if self.timer is not None and deadline >= self.timer_at:
+                self.deadline = deadline  # `_arm`'s common case, inline
+            else:
+                self._arm(deadline)
 
     def _fail(self, error: HttpError | UpstreamError | FlowRefused) -> None:
         """End the exchange with its answer (when no response head went out yet) and close."""

@@ -287,7 +287,9 @@ class PopRuntime:
             record.admitted = None
             self.flows_per_account.release(account)
             self.flows_per_source.release(source)
-        self.flowlog.write(record)
+        flowlog = self.flowlog
+        if flowlog.enabled or flowlog.sinks:  # what `write` checks first, inline
+            flowlog.write(record)
         decision = record.decision
         # Egress is a StrEnum: the member is its value's string (`.value` is a property).
         key = (record.protocol, decision.egress if decision else "none",
