@@ -280,10 +280,16 @@ async def test_pop_workers_serve_flows_from_the_shared_address(
     flows = read_flows(pop.flow_log)
     assert len(flows) == served
     assert all(flow["source"].startswith("127.0.0.2:") and flow["rule"] == "R1" for flow in flows)
-    # The metrics of every worker are aggregated, whichever worker answers.
-    _status, _headers, body = await local_get(pop.address, "/metrics")
-    totals = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-              if line.startswith("egressd_flows_total{")]
+    # The metrics of every worker are aggregated, whichever worker answers; the other
+    # worker's figures within its flush delay (pop/flow_metrics.py).
+    totals: list[float] = []
+    for _ in range(40):
+        _status, _headers, body = await local_get(pop.address, "/metrics")
+        totals = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                  if line.startswith("egressd_flows_total{")]
+        if sum(totals) == served:
+            break
+        await asyncio.sleep(0.1)
     assert sum(totals) == served
     pop.child.signal(signal.SIGTERM)
     assert await pop.child.wait(within=10.0) == 0

@@ -1,5 +1,5 @@
-"""Per-flow Prometheus figures (`pop/flow_metrics.py`): added up during a loop turn, in
-prometheus-client by the turn's end, at once outside a loop."""
+"""Per-flow Prometheus figures (`pop/flow_metrics.py`): added up, in prometheus-client
+within the flush delay or at once by `flush()` (a scrape), at once outside a loop."""
 
 from __future__ import annotations
 
@@ -29,17 +29,18 @@ def test_outside_a_loop_every_change_is_counted_at_once() -> None:
     assert value(metrics, "egressd_active_flows", protocol="tcp") == 0
 
 
-def test_a_loop_turn_is_handed_over_by_its_end() -> None:
+def test_changes_are_handed_over_after_the_flush_delay_or_by_a_flush() -> None:
     async def body() -> None:
         metrics = PopMetrics()
-        flows = FlowMetrics(metrics, "lax")
+        flows = FlowMetrics(metrics, "lax", flush_delay=0.05)
         for _ in range(3):
             flows.tcp_opened()
             flows.flow_ended(KEY, 1, 2)
         flows.tcp_closed()
         flows.flow_ended(("udp", "dedicated", "R3", "ok"), 0, 5)
-        assert value(metrics, "egressd_bytes_total", direction="up") == 0  # not yet: same turn
         await asyncio.sleep(0)
+        assert value(metrics, "egressd_bytes_total", direction="up") == 0  # not yet: batched
+        await asyncio.sleep(0.2)
         labels = {"protocol": "tcp", "egress": "shared", "rule": "R1", "outcome": "ok"}
         assert value(metrics, "egressd_flows_total", **labels) == 3
         assert value(metrics, "egressd_flows_total", protocol="udp", egress="dedicated", rule="R3",
@@ -48,8 +49,23 @@ def test_a_loop_turn_is_handed_over_by_its_end() -> None:
         assert value(metrics, "egressd_bytes_total", direction="down") == 11
         assert value(metrics, "egressd_active_flows", protocol="tcp") == 2
         flows.tcp_closed()
-        flows.flush()  # as the PoP does when it closes
+        flows.flush()  # as a scrape in this process does, and the PoP when it closes
         assert value(metrics, "egressd_active_flows", protocol="tcp") == 1
+        flows.tcp_opened()  # a flush cancels the pending hand-over: the next change arms anew
+        await asyncio.sleep(0.2)
+        assert value(metrics, "egressd_active_flows", protocol="tcp") == 2
+    asyncio.run(body())
+
+
+def test_a_scrape_sees_the_flows_of_its_process_at_once() -> None:
+    """The default delay is long enough to batch, and a scrape never waits for it."""
+    async def body() -> None:
+        metrics = PopMetrics()
+        flows = FlowMetrics(metrics, "lax")
+        flows.flow_ended(KEY, 7, 9)
+        assert value(metrics, "egressd_bytes_total", direction="up") == 0
+        flows.flush()
+        assert value(metrics, "egressd_bytes_total", direction="up") == 7
     asyncio.run(body())
 
 
@@ -64,7 +80,7 @@ def test_connect_times_land_in_the_same_buckets_as_observe() -> None:
         flows = FlowMetrics(metrics, "lax")
         for seconds in samples:
             flows.connect_observed("local", seconds)
-        await asyncio.sleep(0)
+        flows.flush()
         return metrics
 
     batched = asyncio.run(body())

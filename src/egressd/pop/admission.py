@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -49,18 +48,21 @@ class PeerSet(Generic[T]):
 
     def __init__(self) -> None:
         self._items: set[T] = set()
-        self.per_source: Counter[str] = Counter()
+        # A dict, not a Counter: a Counter's missing key is a Python `__missing__` call,
+        # and the first connection from a source (every one, at low load) meets one.
+        self.per_source: dict[str, int] = {}
 
     def add(self, item: T) -> None:
         if item not in self._items:
             self._items.add(item)
-            self.per_source[item.peer[0]] += 1
+            source = item.peer[0]
+            self.per_source[source] = self.per_source.get(source, 0) + 1
 
     def discard(self, item: T) -> None:
         if item in self._items:
             self._items.remove(item)
             source = item.peer[0]
-            left = self.per_source[source] - 1
+            left = self.per_source.get(source, 0) - 1
             if left > 0:
                 self.per_source[source] = left
             else:
@@ -83,16 +85,18 @@ class SourceCounter:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, int] = {}  # a dict, not a Counter: see `PeerSet`
 
     def try_acquire(self, key: str) -> bool:
-        if self.limit and self._counts[key] >= self.limit:
+        counts = self._counts
+        held = counts.get(key, 0)
+        if self.limit and held >= self.limit:
             return False
-        self._counts[key] += 1
+        counts[key] = held + 1
         return True
 
     def release(self, key: str) -> None:
-        left = self._counts[key] - 1
+        left = self._counts.get(key, 0) - 1
         if left > 0:
             self._counts[key] = left
         else:

@@ -404,6 +404,7 @@ async def _local_endpoint(runtime: PopRuntime, io: ClientIO, head: RequestHead) 
         body = json.dumps(health).encode() + b"\n"
         await io.send(simple_response(200, "OK", body, headers=[("Content-Type", "application/json")], close=False))
     elif path == "/metrics":
+        runtime.flow_metrics.flush()  # this process's batched figures, before they are read
         await io.send(simple_response(200, "OK", runtime.metrics.exposition(),
                                       headers=[("Content-Type", "text/plain; version=0.0.4")], close=False))
     elif path.startswith("/pac/") and path.endswith(".pac"):

@@ -134,7 +134,7 @@ class Listener:
             except OSError:  # the descriptor would not make a socket: do not leak it
                 os.close(fd)
                 continue
-            if cap and per_source[peer[0]] >= cap:
+            if cap and per_source.get(peer[0], 0) >= cap:
                 # A source with this many unfinished requests is stalling us: close at
                 # once, before the connection costs a buffer or a timer (slowloris).
                 self.runtime.refuse("handshakes-per-source")
