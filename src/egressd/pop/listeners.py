@@ -88,11 +88,13 @@ class Listener:
         self.forward_connections: set[ForwardProxyProtocol] = set()
         self.address: tuple[str, int] = (spec.host, spec.port)
         self.poller: Poller | None = None  # where a plain listener waits for connections
+        self.family = socket.AF_INET  # the listening socket's (read once: a Python property)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         sock = _bind(self.spec.host, self.spec.port, self.reuse_port)
         self.address = sock.getsockname()[:2]
+        self.family = sock.family
         if self.spec.tls:
             self.server = await asyncio.start_server(
                 self._serve_tls, sock=sock, ssl=self.tls_context,
@@ -115,7 +117,7 @@ class Listener:
         if listener is None:
             return
         sniff = self.spec.socks5
-        family = listener.family
+        family = self.family
         cap = self.runtime.options.limits.max_handshakes_per_source
         per_source = self.handshakes.per_source
         for _ in range(ACCEPTS_PER_WAKEUP):

@@ -363,7 +363,8 @@ class PlainHandshake:
         # The local address is for SOCKS5's reply and the flow record: a system call that
         # an HTTP tunnel whose records nobody reads does without.
         local: tuple[Any, ...] = ("", 0)
-        if self.socks is not None or self.runtime.flowlog.read:
+        flowlog = self.runtime.flowlog
+        if self.socks is not None or flowlog.enabled or flowlog.sinks:  # `flowlog.read`, inline
             local = upstream.getsockname()
             record.local_address = f"{local[0]}:{local[1]}"
         self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
@@ -447,7 +448,8 @@ class PlainHandshake:
         self.owner.handshakes.discard(self)
         # The relay's reader on the client socket replaces the handshake's, if any, and its
         # reader on the upstream replaces the connect's writer in one `epoll_ctl`.
-        relay = SpliceRelay(self.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays)
+        relay = SpliceRelay(self.poller, runtime.pipes, self.sock, upstream, on_close, runtime.relays,
+                            sole_owner=True)
         replacing, self.writing = self.writing, False
         try:
             relay.start(replacing_writer=self.poller if replacing else None)

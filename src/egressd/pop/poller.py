@@ -81,6 +81,13 @@ class Poller:
             interest.mask = select.EPOLLIN
             self._epoll.modify(fd, select.EPOLLIN)
 
+    def forget(self, fd: int) -> None:
+        """Drop every interest in `fd` without telling epoll: only for a descriptor that is
+        closed right after and that no other descriptor shares (closing it takes it out of
+        the epoll set; a duplicate would keep it in). One `epoll_ctl` less per socket."""
+        if self._interests.pop(fd, None) is not None:
+            self._removed.add(fd)
+
     def close(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

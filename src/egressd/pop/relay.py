@@ -92,12 +92,16 @@ class Readiness(Protocol):
 
 
 class _Direction:
-    __slots__ = ("done", "dst", "in_pipe", "pipe", "reading", "relay", "src", "total", "writing")
+    __slots__ = ("done", "dst", "dst_fd", "in_pipe", "pipe", "reading", "relay", "src", "src_fd",
+                 "total", "writing")
 
     def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
+        # The numbers, read once: the sockets stay open (and theirs) until the relay closes.
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
         self.total = 0
@@ -108,8 +112,8 @@ class _Direction:
     def on_readable(self) -> None:
         relay = self.relay
         pool = relay.pool
-        src_fd = self.src.fileno()
-        dst_fd = self.dst.fileno()
+        src_fd = self.src_fd
+        dst_fd = self.dst_fd
         try:
             for _ in range(ROUNDS_PER_WAKEUP):
                 if self.pipe is None:
@@ -124,7 +128,9 @@ class _Direction:
                     return
                 if moved == 0:  # EOF; the pipe is empty (each round drains it)
                     self.done = True
-                    if self.reading:
+                    # The reader goes, unless the relay closes now and forgets it (`close`).
+                    other = relay.down if self is relay.up else relay.up
+                    if self.reading and (relay.forget is None or not other.done):
                         self.reading = False
                         relay.readiness.remove_reader(src_fd)
                     self._finish()
@@ -170,20 +176,20 @@ class _Direction:
     def _pause_for_writable(self) -> None:
         readiness = self.relay.readiness
         if self.reading:
-            readiness.remove_reader(self.src.fileno())
+            readiness.remove_reader(self.src_fd)
             self.reading = False
         if not self.writing:
-            readiness.add_writer(self.dst.fileno(), self.on_writable)
+            readiness.add_writer(self.dst_fd, self.on_writable)
             self.writing = True
 
     def on_writable(self) -> None:
         try:
-            if not self._drain(self.dst.fileno()):
+            if not self._drain(self.dst_fd):
                 return
         except OSError as exc:
             self.relay.fail(self, exc, reading=False)
             return
-        self.relay.readiness.remove_writer(self.dst.fileno())
+        self.relay.readiness.remove_writer(self.dst_fd)
         self.writing = False
         if self.pipe is not None:
             self.relay.pool.give(self.pipe)
@@ -192,7 +198,7 @@ class _Direction:
             self._finish()
         else:
             self.reading = True
-            self.relay.readiness.add_reader(self.src.fileno(), self.on_readable)
+            self.relay.readiness.add_reader(self.src_fd, self.on_readable)
 
     def _finish(self) -> None:
         relay = self.relay
@@ -215,13 +221,16 @@ class _Direction:
         except OSError:
             pass
 
-    def stop(self) -> None:
+    def stop(self, *, unregister: bool = True) -> None:
+        """`unregister` False: the relay forgets the sockets itself (`SpliceRelay.close`)."""
         readiness = self.relay.readiness
         if self.reading:
-            readiness.remove_reader(self.src.fileno())
+            if unregister:
+                readiness.remove_reader(self.src_fd)
             self.reading = False
         if self.writing:
-            readiness.remove_writer(self.dst.fileno())
+            if unregister:
+                readiness.remove_writer(self.dst_fd)
             self.writing = False
         if self.pipe is not None:
             # A pipe with bytes still inside cannot be reused: close it.
@@ -236,8 +245,8 @@ class _Direction:
 class SpliceRelay:
     """Relays a client socket and an upstream socket until both directions end."""
 
-    __slots__ = ("client", "down", "ended_by", "last_activity", "on_close", "pool", "readiness",
-                 "registry", "started", "up", "upstream")
+    __slots__ = ("client", "down", "ended_by", "forget", "last_activity", "on_close", "pool",
+                 "readiness", "registry", "started", "up", "upstream")
 
     def __init__(
         self,
@@ -247,8 +256,15 @@ class SpliceRelay:
         upstream: socket.socket,
         on_close: Callable[[RelayResult], None],
         registry: RelayRegistry,
+        *,
+        sole_owner: bool = False,
     ) -> None:
+        """`sole_owner`: `readiness` is a `Poller`, and no other descriptor shares either
+        socket (the plain handshake's, from `accept` and `start_connect`), so closing them
+        takes them out of its epoll set: the relay forgets them instead of removing them,
+        one `epoll_ctl` less per socket."""
         self.readiness = readiness
+        self.forget = readiness.forget if sole_owner and isinstance(readiness, Poller) else None
         self.pool = pool
         self.client = client
         self.upstream = upstream
@@ -265,11 +281,11 @@ class SpliceRelay:
         self.registry.add(self)
         up, down = self.up, self.down
         up.reading = down.reading = True
-        self.readiness.add_reader(self.client.fileno(), up.on_readable)
+        self.readiness.add_reader(up.src_fd, up.on_readable)
         if replacing_writer is not None:
-            replacing_writer.swap_to_reader(self.upstream.fileno(), down.on_readable)
+            replacing_writer.swap_to_reader(down.src_fd, down.on_readable)
         else:
-            self.readiness.add_reader(self.upstream.fileno(), down.on_readable)
+            self.readiness.add_reader(down.src_fd, down.on_readable)
 
     def fail(self, direction: _Direction, exc: OSError, *, reading: bool) -> None:
         """An error on a socket: `reading` says it came from the direction's source."""
@@ -280,9 +296,13 @@ class SpliceRelay:
     def close(self, closed_by: str, error: str | None) -> None:
         if self.on_close is None:
             return
+        forget = self.forget
         for direction in (self.up, self.down):
             if direction.reading or direction.writing or direction.pipe is not None:
-                direction.stop()
+                direction.stop(unregister=forget is None)
+        if forget is not None:
+            forget(self.up.src_fd)
+            forget(self.down.src_fd)
         # `_socket.socket.close`: what `socket.close` ends in, minus its two Python calls
         # (they serve `makefile`, which relay sockets never have).
         _close(self.client)
