@@ -8,6 +8,7 @@ until its window ends, so a guessing client gains nothing from the service's spe
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 
 class AuthThrottle:
@@ -19,6 +20,9 @@ class AuthThrottle:
         self.limit = limit
         self.window = window
         self._failures: dict[str, tuple[float, int]] = {}
+        #: The sources with failures counted (read-only outside this class): one not in it
+        #: is not blocked, which a hot path can see without a call.
+        self.failing: Mapping[str, tuple[float, int]] = self._failures
 
     def blocked(self, source: str, now: float | None = None) -> bool:
         if not self.limit:

@@ -22,6 +22,7 @@ import uvloop
 
 from egressd.decide import HealthView
 from egressd.model.deployment import load_deployment
+from egressd.pop.admission import AdmissionLimits
 from egressd.pop.flowlog import FlowLog
 from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.listeners import Listener, ListenerSpec
@@ -913,3 +914,25 @@ def test_a_connection_rewrites_each_head_for_what_it_is_sent_with(
         assert all(seen.headers[b"via"] == b"1.1 egressd" for seen in origin.seen)
         assert counted_readers["responses"] == 1  # every response after the first was known
     run(body)
+
+
+def test_a_source_past_its_failure_limit_is_refused_on_a_connection_that_was_forwarding(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """A connection that authenticated a request does not skip the throttle: once its
+    source reaches the failure limit (here on another connection), the same known request
+    gets 407 without a credential check, until the window ends."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device, client(pop.address) as guesser:
+            for _ in range(3):  # read, then known, then the connection's last identity
+                await device.send(request("GET", origin.url("/who")))
+                assert (await device.answer()).status == 200
+            for _ in range(3):
+                await guesser.send(request("GET", origin.url("/who"), ("ann-laptop", "guess")))
+                assert (await guesser.answer()).status == 407
+            await device.send(request("GET", origin.url("/who")))
+            assert (await device.answer()).status == 407
+        outcomes = [record["outcome"] for record in pop.records()]
+        assert outcomes == ["ok"] * 3 + ["auth-failed"] * 4
+        assert pop.runtime.metrics.registry.get_sample_value(
+            "egressd_admission_refused_total", {"pop": "tst", "reason": "auth-rate"}) == 1
+    run(body, limits=AdmissionLimits(auth_failures_per_source=3))

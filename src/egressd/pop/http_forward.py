@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
+from egressd.model.snapshot import Snapshot
 from egressd.pop.http_answers import (
     failure_response,
     log_auth_failure,
@@ -151,6 +152,12 @@ class ForwardProxyProtocol(asyncio.Protocol):
         # and its origin its response, so most exchanges rewrite nothing.
         self.sent_request: tuple[RequestHead | None, str, bytes] = (None, "", b"")
         self.sent_response: tuple[ResponseHead | None, str, bool, bytes] = (None, "", False, b"")
+        # The identity of the last request head authenticated here, and the snapshot it was
+        # checked under. The same head object (a known head: the same bytes, credentials
+        # included) under the same snapshot, from a source with no failures counted, is the
+        # same identity: `authenticate` is a pure function of the snapshot and the
+        # credentials, past the throttle. A new snapshot (a device revoked) checks anew.
+        self.known_identity: tuple[RequestHead | None, Snapshot | None, Identity | None] = (None, None, None)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -386,7 +393,13 @@ class ForwardProxyProtocol(asyncio.Protocol):
             return
         runtime = self.runtime
         snapshot = runtime.state.snapshot
-        identity = runtime.authenticate(head.proxy_credentials, self.peer)
+        known = self.known_identity
+        if known[0] is head and known[1] is snapshot and self.peer[0] not in runtime.auth_throttle.failing:
+            identity: Identity | None = known[2]  # what `authenticate` says again (see __init__)
+        else:
+            identity = runtime.authenticate(head.proxy_credentials, self.peer)
+            if identity is not None:
+                self.known_identity = (head, snapshot, identity)
         if identity is None:
             log_auth_failure(runtime, self.peer, head)
             keep = head.keep_alive and not head.body.has_body

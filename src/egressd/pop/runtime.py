@@ -237,7 +237,8 @@ class PopRuntime:
         if credentials is None:
             return None  # no credentials yet: the 407 challenge, not a failure
         source = peer[0]
-        if self.auth_throttle.blocked(source):
+        throttle = self.auth_throttle
+        if source in throttle.failing and throttle.blocked(source):  # no call for most sources
             self.refuse("auth-rate")
             return None
         identity = self._credentials.authenticate(self.state.snapshot, credentials)
