@@ -367,8 +367,9 @@ class PlainHandshake:
         if self.socks is not None or flowlog.enabled or flowlog.sinks:  # `flowlog.read`, inline
             local = upstream.getsockname()
             record.local_address = f"{local[0]}:{local[1]}"
-        self.runtime.observe_connect(decision, time.monotonic() - self.connect_started)
-        self._tunnel(upstream, local)
+        elapsed = time.monotonic() - self.connect_started
+        self._tunnel(upstream, local)  # the reply first: the histogram is not on the client's path
+        self.runtime.observe_connect(decision, elapsed)
 
     def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:
         record = self.record
