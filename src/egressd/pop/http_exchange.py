@@ -3,16 +3,28 @@
 A `KeptUpstream` is an asyncio protocol that tells its owner (the client connection's
 `ForwardProxyProtocol`) everything that happens; it is reused only for the same
 `UpstreamKey` (account, user, host, port, snapshot version): never shared across accounts
-or source addresses. An `Exchange` is one request and its response.
+or source addresses. An `Exchange` is one request and its response; `whole_response` tells whether a read is
+a whole response seen before. A `Detached` is a connection handed back to the coroutine
+handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from egressd.pop.flowlog import FlowRecord
-from egressd.protocols.http1 import BodyTracker, RequestHead, ResponseHead, ResponseHeadReader
+from egressd.protocols.http1 import (
+    BodyKind,
+    BodyTracker,
+    RequestHead,
+    RequestHeadReader,
+    ResponseHead,
+    ResponseHeadReader,
+)
+from egressd.protocols.memo import WholeHeads
 
 #: (account, user, host, port, snapshot version): what a kept upstream may be reused for.
 UpstreamKey = tuple[str, str, str, int, int]
@@ -88,3 +100,31 @@ class Exchange:
         self.response: ResponseHead | None = None  # the final head, once forwarded
         self.response_body: BodyTracker | None = None
         self.close_client = not head.keep_alive
+
+
+def whole_response(known: WholeHeads[ResponseHead], data: bytes,
+                   method: str) -> tuple[ResponseHead, int] | None:
+    """`data` as a response head seen before (for this request method) followed by exactly
+    its body, which can then go back with no reader and no body tracker: the head and
+    where it ends. None for anything else (a body cut or with more after it, a 1xx)."""
+    end = data.find(b"\r\n\r\n") + 4
+    if end < 4:
+        return None
+    response = known.get(data[:end], method)
+    if response is None:
+        return None
+    framing, length = response.body, len(data) - end
+    if ((framing.kind is BodyKind.CONTENT_LENGTH and framing.length == length)
+            or (framing.kind is BodyKind.NONE and not length)):
+        return response, end
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    """A connection handed back to the coroutine handler: a duplicate of the client socket
+    (owned by the receiver), the head to serve next and the reader holding what follows it."""
+
+    sock: socket.socket
+    reader: RequestHeadReader
+    head: RequestHead

@@ -38,7 +38,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, cast
 
 from egressd.model.snapshot import Snapshot
@@ -48,12 +47,11 @@ from egressd.pop.http_answers import (
     protocol_error_response,
     start_record,
 )
-from egressd.pop.http_exchange import Exchange, KeptUpstream
+from egressd.pop.http_exchange import Detached, Exchange, KeptUpstream, whole_response
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
-    BodyKind,
     BodyTracker,
     HttpError,
     RequestHead,
@@ -109,16 +107,6 @@ _WHOLE_RESPONSES: WholeHeads[ResponseHead] = WholeHeads()
 
 
 # --- the forwarding protocol -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Detached:
-    """A connection handed back to the coroutine handler: a duplicate of the client socket
-    (owned by the receiver), the head to serve next and the reader holding what follows it."""
-
-    sock: socket.socket
-    reader: RequestHeadReader
-    head: RequestHead
 
 
 class ForwardProxyProtocol(asyncio.Protocol):
@@ -538,18 +526,11 @@ class ForwardProxyProtocol(asyncio.Protocol):
     def _known_response(self, exchange: Exchange, data: bytes) -> bool:
         """The whole response in `data`, if its head was seen before with this method and
         `data` is that head and exactly its body: forwarded without a reader or tracker."""
-        end = data.find(b"\r\n\r\n") + 4
-        if end < 4:
+        known = whole_response(_WHOLE_RESPONSES, data, exchange.head.method)
+        if known is None:
             return False
-        response = _WHOLE_RESPONSES.get(data[:end], exchange.head.method)
-        if response is None:
-            return False
-        framing = response.body
-        kind = framing.kind
+        response, end = known
         length = len(data) - end
-        if not ((kind is BodyKind.CONTENT_LENGTH and framing.length == length)
-                or (kind is BodyKind.NONE and not length)):
-            return False
         close = (exchange.close_client or not response.keep_alive
                  or self.drain_requested or self.runtime.draining)
         exchange.response, exchange.close_client = response, close

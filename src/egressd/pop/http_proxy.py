@@ -34,7 +34,8 @@ from egressd.pop.http_answers import (
     protocol_error_response,
     start_record,
 )
-from egressd.pop.http_forward import Detached, ForwardProxyProtocol
+from egressd.pop.http_exchange import Detached
+from egressd.pop.http_forward import ForwardProxyProtocol
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
