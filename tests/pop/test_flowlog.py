@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from egressd.pop.flowlog import FlowLog, FlowRecord
+from egressd.pop.http_answers import start_record
+from egressd.pop.identity import Identity
 
 
 def record(n: int) -> FlowRecord:
@@ -78,3 +83,15 @@ def test_settle_heap_freezes_start_up_objects_and_raises_the_young_threshold() -
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_start_record_puts_each_value_in_its_field() -> None:
+    """`start_record` passes its values by position (cheaper than keywords): each must land
+    in the field of its name."""
+    before_wall, before = time.time(), time.monotonic()
+    made = start_record(cast(Any, SimpleNamespace(code="las")), ("192.0.2.7", 4242),
+                        Identity(account="acme", user="ann", device="ann-laptop"))
+    assert (made.protocol, made.connected_pop, made.client) == ("tcp", "las", "192.0.2.7:4242")
+    assert (made.account, made.user, made.device) == ("acme", "ann", "ann-laptop")
+    assert made.flow_id.startswith("las-") and made.outcome == "ok" and made.decision is None
+    assert before_wall <= made.started <= time.time() and before <= made.started_monotonic <= time.monotonic()

