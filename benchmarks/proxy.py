@@ -17,6 +17,7 @@ generator and the origin share, one worker can do better than two.
 
     python benchmarks/proxy.py                 # full run, about 15 min on 2 cores
     python benchmarks/proxy.py --quick         # about 3 min, for a look
+    python benchmarks/proxy.py --reps 5        # steadier medians, about 20 min
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ OURS = ("egressd", "egressd-socks", "egressd-1w", "floor")
 
 
 def run_harness(args: argparse.Namespace, summary: Path) -> None:
+    argv = harness_argv(args, summary)
+    print("running:", " ".join(argv), file=sys.stderr)
+    subprocess.run(argv, check=True, stdout=sys.stderr)
+
+
+def harness_argv(args: argparse.Namespace, summary: Path) -> list[str]:
+    """The harness's command line for this script's arguments."""
     deployment = HERE / "deployment.toml"
     # The harness is one client address opening thousands of tunnels at once: the per-source
     # caps against slowloris and floods (issue 9; the peers have none by default) are off.
@@ -79,8 +87,9 @@ def run_harness(args: argparse.Namespace, summary: Path) -> None:
             "--json-summary", str(summary), "--out", str(args.out)]
     if args.quick:
         argv += ["--reps", "1", "--duration", "1.5", "--bulk-max-seconds", "2", "--idle-count", "2000"]
-    print("running:", " ".join(argv), file=sys.stderr)
-    subprocess.run(argv, check=True, stdout=sys.stderr)
+    elif args.reps:
+        argv += ["--reps", str(args.reps)]
+    return argv
 
 
 def floor_extra(args: argparse.Namespace) -> list[str]:
@@ -145,6 +154,9 @@ def report(summary: dict) -> list[dict]:  # type: ignore[type-arg]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repetition, short loads")
+    parser.add_argument("--reps", type=int, metavar="N",
+                        help="repetitions of every measurement (the harness's default: 3); the "
+                             "medians of more are steadier on a noisy machine, ~4 min per repetition")
     parser.add_argument("--peers", default=PEERS, help=f"comma-separated peers (default {PEERS})")
     parser.add_argument("--workers", type=int, default=2,
                         help="egressd (and floor) worker processes (default 2)")

@@ -3,6 +3,7 @@ own targets (two workers, SOCKS5, one worker) and the floor never counted as pee
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -41,3 +42,22 @@ def test_one_worker_target_is_judged_and_never_a_peer() -> None:
     two = lines[("connect-c64", "egressd")]
     assert set(two["ratio_to_peer"]) == {"haproxy"} and two["met"] is False
     assert two["ratio_to_floor"] == round(8_000 / 9_500, 3)
+
+
+def test_repetitions_and_quick_runs_reach_the_harness(tmp_path: Path) -> None:
+    module = _load()
+
+    def argv(**given: Any) -> list[str]:
+        parser_args = argparse.Namespace(**{"quick": False, "reps": None, "peers": "haproxy", "workers": 2,
+                                            "one_worker": True, "floor": True, "out": tmp_path, **given})
+        return list(module.harness_argv(parser_args, tmp_path / "summary.json"))
+
+    def reps(line: list[str]) -> list[str]:
+        return [line[i + 1] for i, word in enumerate(line) if word == "--reps"]
+
+    assert reps(argv()) == []  # the harness's default
+    assert reps(argv(reps=5)) == ["5"]
+    assert reps(argv(quick=True, reps=5)) == ["1"]  # a quick look stays one repetition
+    line = argv()
+    assert "egressd-1w=http://bench:bench-secret@127.0.0.1:{port}" in line
+    assert any(word.startswith("floor=") for word in line)
