@@ -5,7 +5,10 @@ when it alone holds them (`sole_owner`, the plain handshake's relays), forgotten
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -74,72 +77,82 @@ async def _still_polled(poller: Poller, numbers: list[int]) -> None:
             b.close()
 
 
-@pytest.mark.parametrize("sole_owner", [True, False])
-async def test_a_tunnel_that_ends_lets_go_of_both_sockets(sole_owner: bool) -> None:
-    poller = CountingPoller(asyncio.get_running_loop())
+@dataclass
+class Rig:
+    """A relay between two socket pairs: the device's end, the relay's two, the origin's."""
+
+    relay: SpliceRelay
+    registry: RelayRegistry
+    results: list[RelayResult]
+    client: socket.socket
+    device: socket.socket
+    upstream: socket.socket
+    origin: socket.socket
+
+    @property
+    def numbers(self) -> list[int]:
+        return [self.relay.up.src_fd, self.relay.down.src_fd]
+
+
+@contextlib.contextmanager
+def rig(readiness: Any, *, sole_owner: bool) -> Iterator[Rig]:
     pool, registry = PipePool(), RelayRegistry(idle_timeout=30.0, max_lifetime=None)
     client, device = _pair()
     upstream, origin = _pair()
-    numbers = [client.fileno(), upstream.fileno()]
     results: list[RelayResult] = []
-    SpliceRelay(poller, pool, client, upstream, results.append, registry, sole_owner=sole_owner).start()
+    relay = SpliceRelay(readiness, pool, client, upstream, results.append, registry, sole_owner=sole_owner)
+    relay.start()
     try:
-        device.send(b"QUIT\n")
-        await _until(lambda: _read(origin) == b"QUIT\n")
-        origin.send(b"BYE\n")
-        await _until(lambda: _read(device) == b"BYE\n")
-        origin.close()  # the upstream ends first: the client's side is half-closed
-        await _until(lambda: _read(device) == b"")
-        device.close()
-        await _until(lambda: bool(results))
-        assert results == [RelayResult(5, 4, "upstream", None)]
-        assert len(poller) == 0 and len(registry) == 0 and client.fileno() == -1
-        # The upstream's EOF removes its reader either way; then the client's EOF ends the
-        # tunnel, and a sole owner closes its socket with no removal.
-        assert poller.removals == (1 if sole_owner else 2)
-        await _still_polled(poller, numbers)
+        yield Rig(relay, registry, results, client, device, upstream, origin)
     finally:
+        registry.close_all()
         for sock in (client, device, upstream, origin):
             sock.close()
         pool.close()
+
+
+@pytest.mark.parametrize("sole_owner", [True, False])
+async def test_a_tunnel_that_ends_lets_go_of_both_sockets(sole_owner: bool) -> None:
+    poller = CountingPoller(asyncio.get_running_loop())
+    try:
+        with rig(poller, sole_owner=sole_owner) as tunnel:
+            numbers = tunnel.numbers
+            tunnel.device.send(b"QUIT\n")
+            await _until(lambda: _read(tunnel.origin) == b"QUIT\n")
+            tunnel.origin.send(b"BYE\n")
+            await _until(lambda: _read(tunnel.device) == b"BYE\n")
+            tunnel.origin.close()  # the upstream ends first: the client's side is half-closed
+            await _until(lambda: _read(tunnel.device) == b"")
+            tunnel.device.close()
+            await _until(lambda: bool(tunnel.results))
+            assert tunnel.results == [RelayResult(5, 4, "upstream", None)]
+            assert len(poller) == 0 and len(tunnel.registry) == 0 and tunnel.client.fileno() == -1
+            # The upstream's EOF removes its reader either way; then the client's EOF ends
+            # the tunnel, and a sole owner closes its socket with no removal.
+            assert poller.removals == (1 if sole_owner else 2)
+            await _still_polled(poller, numbers)
+    finally:
         poller.close()
 
 
 async def test_a_swept_tunnel_of_a_sole_owner_is_forgotten_and_closed() -> None:
     poller = CountingPoller(asyncio.get_running_loop())
-    pool, registry = PipePool(), RelayRegistry(idle_timeout=30.0, max_lifetime=None)
-    client, device = _pair()
-    upstream, origin = _pair()
-    numbers = [client.fileno(), upstream.fileno()]
-    results: list[RelayResult] = []
-    relay = SpliceRelay(poller, pool, client, upstream, results.append, registry, sole_owner=True)
-    relay.start()
     try:
-        assert len(poller) == 2
-        assert registry.sweep(relay.last_activity + 31) == 1
-        assert [result.closed_by for result in results] == ["idle-timeout"]
-        assert len(poller) == 0 and poller.removals == 0
-        assert device.recv(16) == b"" and origin.recv(16) == b""  # both closed
-        await _still_polled(poller, numbers)
+        with rig(poller, sole_owner=True) as tunnel:
+            numbers = tunnel.numbers
+            assert len(poller) == 2
+            assert tunnel.registry.sweep(tunnel.relay.last_activity + 31) == 1
+            assert [result.closed_by for result in tunnel.results] == ["idle-timeout"]
+            assert len(poller) == 0 and poller.removals == 0
+            assert tunnel.device.recv(16) == b"" and tunnel.origin.recv(16) == b""  # both closed
+            await _still_polled(poller, numbers)
     finally:
-        for sock in (client, device, upstream, origin):
-            sock.close()
-        pool.close()
         poller.close()
 
 
 async def test_a_relay_on_the_event_loop_is_never_a_sole_owner() -> None:
     """The loop has no `forget`: its relays always remove their descriptors."""
-    loop = asyncio.get_running_loop()
-    pool, registry = PipePool(), RelayRegistry(idle_timeout=30.0, max_lifetime=None)
-    client, device = _pair()
-    upstream, origin = _pair()
-    results: list[RelayResult] = []
-    relay = SpliceRelay(loop, pool, client, upstream, results.append, registry, sole_owner=True)
-    assert relay.forget is None
-    relay.start()
-    registry.close_all()
-    assert [result.closed_by for result in results] == ["shutdown"]
-    for sock in (device, origin):
-        sock.close()
-    pool.close()
+    with rig(asyncio.get_running_loop(), sole_owner=True) as tunnel:
+        assert tunnel.relay.forget is None
+        tunnel.registry.close_all()
+        assert [result.closed_by for result in tunnel.results] == ["shutdown"]
