@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -844,6 +845,11 @@ def test_repeated_requests_and_responses_are_forwarded_without_readers(
         assert [record["outcome"] for record in records] == ["ok"] * 5
         assert len({record["flow_id"] for record in records}) == 5
         assert {record["bytes_down"] for record in records} == {len(answers[0].body)}
+        # From the third on, the same bytes start the same exchange: each record still
+        # says who, where to and from which address, as the first one does.
+        what = [{key: record[key] for key in ("account", "device", "destination", "port", "egress",
+                                              "source", "rule", "client")} for record in records]
+        assert all(fields == what[0] for fields in what) and what[0]["egress"] and what[0]["source"]
     run(body)
 
 
@@ -936,3 +942,38 @@ def test_a_source_past_its_failure_limit_is_refused_on_a_connection_that_was_for
         assert pop.runtime.metrics.registry.get_sample_value(
             "egressd_admission_refused_total", {"pop": "tst", "reason": "auth-rate"}) == 1
     run(body, limits=AdmissionLimits(auth_failures_per_source=3))
+
+
+def test_a_repeated_request_after_its_upstream_went_away_opens_a_new_one(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            ports = []
+            for _ in range(3):  # read, known, then the same bytes again
+                await device.send(request("GET", origin.url("/who")))
+                ports.append((await device.answer()).body)
+            kept = pop.connection().upstream
+            assert kept is not None and kept.transport is not None
+            kept.transport.close()  # as if the origin had closed it while idle
+            assert await settle(lambda: pop.connection().upstream is None)
+            for _ in range(2):
+                await device.send(request("GET", origin.url("/who")))
+                ports.append((await device.answer()).body)
+        assert len(set(ports[:3])) == 1 and len(set(ports[3:])) == 1 and ports[3] != ports[0]
+        assert origin.connections == 2
+        assert [record["outcome"] for record in pop.records()] == ["ok"] * 5
+    run(body)
+
+
+def test_a_repeated_exchange_goes_with_the_via_name_in_force(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """The same request and response bytes again are rewritten anew once `via` changes."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async with client(pop.address) as device:
+            for via in ("egressd", "egressd", "egressd", "edge", "edge"):
+                pop.runtime.options = dataclasses.replace(pop.runtime.options, via=via)
+                await device.send(request("GET", origin.url("/who")))
+                answer = await device.answer()
+                assert answer.status == 200 and answer.header("Via") == f"1.1 {via}".encode()
+        assert [seen.headers[b"via"] for seen in origin.seen] == [b"1.1 egressd"] * 3 + [b"1.1 edge"] * 2
+    run(body)

@@ -4,6 +4,7 @@ its flow record, filled in the same way whichever path met it."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from egressd.pop.flowlog import FlowRecord
@@ -11,6 +12,8 @@ from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime, new_flow_id
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import HttpError, RequestHead, error_response, simple_response
+
+log = logging.getLogger("egressd.pop.http")
 
 
 def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], head: RequestHead) -> None:
@@ -21,6 +24,13 @@ def log_auth_failure(runtime: PopRuntime, peer: tuple[str, int], head: RequestHe
     record.error = "missing proxy credentials" if head.proxy_credentials is None else (
         f"wrong credentials for device {head.proxy_credentials[0]!r}")
     runtime.finish(record)
+
+
+def bad_request(runtime: PopRuntime, peer: tuple[str, int], error: HttpError) -> bytes:
+    """Count and log a malformed request head; the answer (400, 413, 431...) to send."""
+    runtime.metrics.protocol_errors.labels(runtime.code, "http").inc()
+    log.info("bad request from %s:%s: %s", peer[0], peer[1], error.reason)
+    return error_response(error)
 
 
 def start_record(runtime: PopRuntime, peer: tuple[str, int], identity: Identity) -> FlowRecord:

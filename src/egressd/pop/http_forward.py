@@ -8,7 +8,7 @@ the sans-I/O `RequestHeadReader`, `ResponseHeadReader` and `BodyTracker`. Each s
 transport callback: a keep-alive request costs one read and one write per side and no
 task, where the coroutine path awaited a `sock_recv`/`sock_sendall` for each.
 
-Theory of operation. A connection is in one state at a time (moves in `_TRANSITIONS`):
+Theory of operation. A connection is in one state at a time (moves in `http_exchange.TRANSITIONS`):
 
 * WAIT_HEAD: between requests. With no byte of the next head yet, the idle timeout runs
   (expiry closes quietly); from its first byte the handshake timeout runs (408).
@@ -25,7 +25,10 @@ Theory of operation. A connection is in one state at a time (moves in `_TRANSITI
 * CLOSING: the last bytes (an error page, a `Connection: close` answer) are flushed.
 
 The upstream connection is kept for the next request with the same key (account, user,
-host, port, snapshot version): never shared across accounts or source addresses. A full
+host, port, snapshot version): never shared across accounts or source addresses. A client
+that sends the very bytes of its last request again, when nothing they depend on changed
+(snapshot, throttle, kept upstream), starts the same exchange with no parse or check; an
+origin that repeats its last whole response gets the same answer (`KnownResponses`). A full
 write buffer on one side pauses reading the other (the transports' pause/resume_writing).
 
 What it does not know: TLS (the TLS listener keeps the coroutine path, `StreamIO`),
@@ -42,12 +45,21 @@ from typing import Final, cast
 
 from egressd.model.snapshot import Snapshot
 from egressd.pop.http_answers import (
+    bad_request,
     failure_response,
     log_auth_failure,
     protocol_error_response,
     start_record,
 )
-from egressd.pop.http_exchange import Detached, Exchange, KeptUpstream, whole_response
+from egressd.pop.http_exchange import (
+    TRANSITIONS,
+    Detached,
+    Exchange,
+    KeptUpstream,
+    KnownResponses,
+    State,
+    open_kept_upstream,
+)
 from egressd.pop.identity import Identity
 from egressd.pop.runtime import FlowRefused, PopRuntime
 from egressd.pop.upstream import UpstreamError
@@ -58,14 +70,12 @@ from egressd.protocols.http1 import (
     RequestHeadReader,
     ResponseHead,
     ResponseHeadReader,
-    error_response,
     forward_head,
     forward_response_head,
     proxy_auth_required,
     simple_response,
 )
 from egressd.protocols.memo import WholeHeads
-from egressd.protocols.states import StateEnum
 
 log = logging.getLogger("egressd.pop.http")
 
@@ -74,31 +84,12 @@ log = logging.getLogger("egressd.pop.http")
 BACKLOG_LIMIT: Final = 256 * 1024
 
 
-class State(StateEnum):
-    WAIT_HEAD = "wait-head"
-    CONNECTING = "connecting"
-    EXCHANGE = "exchange"
-    DETACHING = "detaching"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-_S = State
-_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    _S.WAIT_HEAD: frozenset({_S.CONNECTING, _S.EXCHANGE, _S.DETACHING, _S.CLOSING, _S.CLOSED}),
-    _S.CONNECTING: frozenset({_S.EXCHANGE, _S.CLOSING, _S.CLOSED}),
-    _S.EXCHANGE: frozenset({_S.WAIT_HEAD, _S.CLOSING, _S.CLOSED}),
-    _S.DETACHING: frozenset({_S.CLOSED}),
-    _S.CLOSING: frozenset({_S.CLOSED}),
-    _S.CLOSED: frozenset(),
-}
-
 # Why reading the client is paused (a bit each; reading resumes when none is left).
 _PAUSE_UPSTREAM_FULL: Final = 1
 _PAUSE_BACKLOG: Final = 2
 _PAUSE_DETACH: Final = 4
 #: States in which bytes may still be written to the client.
-_WRITABLE: Final = frozenset({_S.WAIT_HEAD, _S.CONNECTING, _S.EXCHANGE})
+_WRITABLE: Final = frozenset({State.WAIT_HEAD, State.CONNECTING, State.EXCHANGE})
 
 #: Request heads that were all of a read, by those bytes and the options they were read
 #: under; response heads that began a response, by their bytes and the request method.
@@ -135,17 +126,20 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.deadline = self.timer_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.active = False
-        # The last rewrites sent, by the parsed head they came from (the memos return the
-        # same head object for the same bytes): a keep-alive client repeats its request,
-        # and its origin its response, so most exchanges rewrite nothing.
+        # The last request rewrite sent, by the parsed head it came from (the memo returns the
+        # same head object for the same bytes): a keep-alive client repeats its request, so
+        # most exchanges rewrite nothing. `responses` does the same for the responses.
         self.sent_request: tuple[RequestHead | None, str, bytes] = (None, "", b"")
-        self.sent_response: tuple[ResponseHead | None, str, bool, bytes] = (None, "", False, b"")
+        self.responses = KnownResponses(_WHOLE_RESPONSES)
         # The identity of the last request head authenticated here, and the snapshot it was
         # checked under. The same head object (a known head: the same bytes, credentials
         # included) under the same snapshot, from a source with no failures counted, is the
         # same identity: `authenticate` is a pure function of the snapshot and the
         # credentials, past the throttle. A new snapshot (a device revoked) checks anew.
         self.known_identity: tuple[RequestHead | None, Snapshot | None, Identity | None] = (None, None, None)
+        # A keep-alive client repeats the very bytes of its request: the last ones that went
+        # up a kept upstream, their head and that upstream (`_repeat_request`).
+        self.repeat_request: tuple[bytes, RequestHead | None, KeptUpstream | None] = (b"", None, None)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -169,7 +163,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _goto(self, state: State) -> None:
-        if state not in _TRANSITIONS[self.state]:  # a bug in this module, not bad input
+        if state not in TRANSITIONS[self.state]:  # a bug in this module, not bad input
             raise RuntimeError(f"forward connection: no transition {self.state} -> {state}")
         self.state = state
 
@@ -271,12 +265,18 @@ class ForwardProxyProtocol(asyncio.Protocol):
                 return
             # The first bytes of a head: often a whole head sent before (a keep-alive
             # client repeats its request), which needs no reader.
+            if data == self.repeat_request[0] and self._repeat_request():
+                return
             head = _WHOLE_REQUESTS.get(data, self.runtime.options)
             if head is not None:
                 try:  # `_guarded`, inline (one call less per request)
                     self._on_head(head, read=False)
                 except Exception as exc:
                     self._step_failed(exc)
+                exchange = self.exchange
+                if (exchange is not None and exchange.head is head and exchange.request_done
+                        and exchange.upstream is not None and self.state is State.EXCHANGE):
+                    self.repeat_request = (data, head, exchange.upstream)  # a kept upstream
                 return
             self.reader.feed(data)
             self.head_pending = True
@@ -343,6 +343,31 @@ class ForwardProxyProtocol(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------------------
 
+    def _repeat_request(self) -> bool:
+        """The client sent again the bytes of the request last forwarded on the kept
+        upstream: if nothing it depends on changed (the snapshot, the throttle, the
+        upstream, `via`), start the same exchange with no parse, check or rewrite. False:
+        take the general path. What `_on_head` and `_begin` do, for this one case."""
+        _, head, upstream = self.repeat_request
+        runtime = self.runtime
+        known, sent = self.known_identity, self.sent_request
+        identity = known[2]
+        if (upstream is not self.upstream or upstream is None or upstream.closed or not upstream.reusable
+                or head is None or known[0] is not head or identity is None or sent[0] is not head
+                or known[1] is not runtime.state.snapshot or sent[1] is not runtime.options.via
+                or self.peer[0] in runtime.auth_throttle.failing or upstream.transport is None):
+            return False
+        record = start_record(runtime, self.peer, identity)
+        opened = upstream.opened
+        record.port, record.decision, record.destination = head.port, opened.decision, opened.destination
+        record.hostname, record.local_address = opened.hostname, opened.local_address
+        exchange = self.exchange = Exchange(head, record, upstream.key, True)  # repeats have no body
+        exchange.upstream = upstream
+        self.state = State.EXCHANGE  # WAIT_HEAD -> EXCHANGE, as `_begin` moves
+        self.active = True
+        upstream.transport.write(sent[2])
+        return True
+
     def _next_requests(self, head: RequestHead | None, whole: bytes | None = None) -> None:
         """Serve the heads the reader holds, one exchange at a time. `whole`: all the
         reader holds, fed to an empty reader (remembered if it is exactly one head)."""
@@ -368,10 +393,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
             head = None
 
     def _bad_request(self, error: HttpError) -> None:
-        runtime = self.runtime
-        runtime.metrics.protocol_errors.labels(runtime.code, "http").inc()
-        log.info("bad request from %s:%s: %s", self.peer[0], self.peer[1], error.reason)
-        self._write(error_response(error))
+        self._write(bad_request(self.runtime, self.peer, error))
         self._close()
 
     def _on_head(self, head: RequestHead, *, read: bool = True) -> None:
@@ -404,7 +426,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
         record = start_record(runtime, self.peer, identity)
         record.destination = head.host
         key = (identity.account, identity.user, head.host, head.port, snapshot.version)
-        exchange = Exchange(head, record, key)
+        exchange = Exchange(head, record, key, not head.body.has_body)
         self.exchange = exchange
         if read:
             rest = self.reader.remainder()
@@ -426,22 +448,11 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.opening.add_done_callback(self._opened)
 
     async def _open(self, exchange: Exchange, identity: Identity) -> None:
-        head = exchange.head
-        upstream = KeptUpstream(self, exchange.key, exchange.record)
-        sock: socket.socket | None = None
         try:
-            sock = await self.runtime.open_tcp(identity, head.host, head.port, exchange.record)
-            await self.loop.create_connection(lambda: upstream, sock=sock)
-        except BaseException as exc:
-            if upstream.transport is not None:
-                upstream.close()
-            elif sock is not None:
-                sock.close()
-            if not isinstance(exc, FlowRefused | UpstreamError | OSError):
-                raise  # cancelled (the client went away), or a bug
+            upstream = await open_kept_upstream(self.runtime, self, exchange, identity)
+        except (FlowRefused, UpstreamError) as exc:
             if self.exchange is exchange:
-                self._fail(UpstreamError(f"upstream connection to {head.authority} failed: {exc}")
-                           if isinstance(exc, OSError) else exc)
+                self._fail(exc)
             return
         if self.exchange is not exchange or self.state is not State.CONNECTING:
             upstream.close()  # the client went away meanwhile
@@ -515,42 +526,28 @@ class ForwardProxyProtocol(asyncio.Protocol):
         self.active = True
         if exchange.response_body is None:
             try:  # `_guarded`, inline (one call less per response)
-                if exchange.response_reader is None and self._known_response(exchange, data):
-                    return
+                if exchange.response_reader is None:  # a whole response seen before?
+                    runtime = self.runtime
+                    known = self.responses.whole(data, exchange.head.method, runtime.options.via,
+                                                 exchange.close_client or self.drain_requested or runtime.draining)
+                    if known is not None:
+                        response, close, out, length = known
+                        exchange.response, exchange.close_client = response, close
+                        if self.transport is not None and self.state in _WRITABLE:  # `_write`, inline
+                            self.transport.write(out)
+                        exchange.record.bytes_down += length
+                        self._finish_exchange(exchange)
+                        return
                 self._response_head_data(exchange, upstream, data)
             except Exception as exc:
                 self._step_failed(exc)
         else:
             self._guarded(self._response_body_data, exchange, upstream, data)
 
-    def _known_response(self, exchange: Exchange, data: bytes) -> bool:
-        """The whole response in `data`, if its head was seen before with this method and
-        `data` is that head and exactly its body: forwarded without a reader or tracker."""
-        known = whole_response(_WHOLE_RESPONSES, data, exchange.head.method)
-        if known is None:
-            return False
-        response, end = known
-        length = len(data) - end
-        close = (exchange.close_client or not response.keep_alive
-                 or self.drain_requested or self.runtime.draining)
-        exchange.response, exchange.close_client = response, close
-        via = self.runtime.options.via
-        sent = self.sent_response
-        if sent[0] is response and sent[1] is via and sent[2] is close:
-            head = sent[3]
-        else:
-            head = forward_response_head(response, via, close=close)
-            self.sent_response = (response, via, close, head)
-        if self.transport is not None and self.state in _WRITABLE:  # `_write`, inline
-            self.transport.write(head + data[end:] if length else head)
-        exchange.record.bytes_down += length
-        self._finish_exchange(exchange)
-        return True
-
     def _response_head_data(self, exchange: Exchange, upstream: KeptUpstream, data: bytes) -> None:
         reader = exchange.response_reader
         fresh = reader is None
-        if reader is None:  # (`upstream_data` tried `_known_response` first)
+        if reader is None:  # (`upstream_data` tried `responses.whole` first)
             reader = exchange.response_reader = ResponseHeadReader(exchange.head.method)
         reader.feed(data)
         via = self.runtime.options.via

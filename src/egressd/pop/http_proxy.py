@@ -29,6 +29,7 @@ from egressd.pop.doh import PATH as DOH_PATH
 from egressd.pop.doh import serve_doh
 from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_answers import (
+    bad_request,
     failure_response,
     log_auth_failure,
     protocol_error_response,
@@ -44,7 +45,6 @@ from egressd.protocols.http1 import (
     RequestHeadReader,
     ResponseHeadReader,
     connect_established,
-    error_response,
     forward_head,
     forward_response_head,
     proxy_auth_required,
@@ -117,9 +117,7 @@ async def _serve(
                     await _try_send(io, simple_response(408, "Request Timeout", b"request header timeout\n"))
                     return False
                 except HttpError as error:
-                    runtime.metrics.protocol_errors.labels(runtime.code, "http").inc()
-                    log.info("bad request from %s:%s: %s", io.peer[0], io.peer[1], error.reason)
-                    await _try_send(io, error_response(error))
+                    await _try_send(io, bad_request(runtime, io.peer, error))
                     return False
             if head is None:
                 return False

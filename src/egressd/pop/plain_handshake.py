@@ -46,7 +46,7 @@ from egressd.pop.admission import PeerSet
 from egressd.pop.client_io import RECV_SIZE, SocketIO, guarded, start_tunnel, tunnel_started
 from egressd.pop.deadlines import Entry
 from egressd.pop.flowlog import FlowRecord
-from egressd.pop.http_answers import failure_response, start_record
+from egressd.pop.http_answers import bad_request, failure_response, start_record
 from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
 from egressd.pop.runtime import FlowRefused, PopRuntime
@@ -63,7 +63,6 @@ from egressd.protocols.http1 import (
     RequestHead,
     RequestHeadReader,
     connect_established,
-    error_response,
     simple_response,
 )
 from egressd.protocols.memo import WholeHeads
@@ -236,9 +235,7 @@ class PlainHandshake:
         self._connect(identity, head.host, head.port)
 
     def _http_error(self, error: HttpError) -> None:
-        self.runtime.metrics.protocol_errors.labels(self.runtime.code, "http").inc()
-        log.info("bad request from %s:%s: %s", self.peer[0], self.peer[1], error.reason)
-        self._send(error_response(error))
+        self._send(bad_request(self.runtime, self.peer, error))
         self._close()
 
     def _socks_received(self, data: bytes) -> None:
