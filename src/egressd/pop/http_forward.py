@@ -49,7 +49,6 @@ from egressd.pop.http_answers import (
     failure_response,
     log_auth_failure,
     protocol_error_response,
-    start_record,
 )
 from egressd.pop.http_exchange import (
     TRANSITIONS,
@@ -61,7 +60,7 @@ from egressd.pop.http_exchange import (
     open_kept_upstream,
 )
 from egressd.pop.identity import Identity
-from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.runtime import FlowRefused, PopRuntime, tcp_record
 from egressd.pop.upstream import UpstreamError
 from egressd.protocols.http1 import (
     BodyTracker,
@@ -106,6 +105,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
     def __init__(self, runtime: PopRuntime, sock: socket.socket, peer: tuple[str, int],
                  reader: RequestHeadReader, first_head: RequestHead) -> None:
         self.runtime, self.sock, self.peer, self.reader = runtime, sock, peer, reader
+        self.client = f"{peer[0]}:{peer[1]}"  # as flow records write it
         self.loop = asyncio.get_running_loop()
         self.first_head: RequestHead | None = first_head
         self.transport: asyncio.Transport | None = None
@@ -357,7 +357,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
                 or known[1] is not runtime.state.snapshot or sent[1] is not runtime.options.via
                 or self.peer[0] in runtime.auth_throttle.failing or upstream.transport is None):
             return False
-        record = start_record(runtime, self.peer, identity)
+        record = tcp_record(runtime.code, self.client, identity)
         opened = upstream.opened
         record.port, record.decision, record.destination = head.port, opened.decision, opened.destination
         record.hostname, record.local_address = opened.hostname, opened.local_address
@@ -423,7 +423,7 @@ class ForwardProxyProtocol(asyncio.Protocol):
             options = runtime.options
             self._arm(self.loop.time() + (options.handshake_timeout if rest else options.idle_timeout))
             return
-        record = start_record(runtime, self.peer, identity)
+        record = tcp_record(runtime.code, self.client, identity)
         record.destination = head.host
         key = (identity.account, identity.user, head.host, head.port, snapshot.version)
         exchange = Exchange(head, record, key, not head.body.has_body)
