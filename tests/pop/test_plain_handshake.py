@@ -13,9 +13,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from tests.pop.test_http_forward import ANN, TIMEOUT, Origin, Pop, Run, run, settle
+from tests.pop.test_http_forward import ANN, DEPLOYMENT, TIMEOUT, Origin, Pop, Run, run, settle
 
+from egressd.model.deployment import load_deployment
 from egressd.pop import deadlines
+from egressd.pop.admission import AdmissionLimits
 from egressd.pop.runtime import PopOptions
 from egressd.protocols.http1 import RequestHeadReader, ResponseHeadReader
 
@@ -251,3 +253,84 @@ def test_a_request_read_whole_at_once_sets_no_handshake_timer(run: Run) -> None:
         assert added == []  # nor a connect timer: a connect on this host is done at once
         writer.close()
     run(body, handshake_timeout=3.0, connect_timeout=7.0)
+
+
+def test_a_repeated_connect_is_planned_once_and_each_tunnel_still_has_its_record(run: Run) -> None:
+    """The plan of a connect to a literal (address and decision) is remembered for the
+    snapshot in force, and the record of a planned tunnel is made after the 200: each
+    tunnel still gets a whole record, and gives its flow slot back."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        runtime = pop.runtime
+        decided: list[object] = []
+        decide_for = runtime.decide_for
+
+        def counting(*args: Any) -> Any:
+            decided.append(args)
+            return decide_for(*args)
+
+        runtime.decide_for = counting  # type: ignore[method-assign]
+        ports = []
+        for turn in range(4):
+            if turn == 3:  # a new snapshot: plans are made anew
+                runtime.state.replace(load_deployment(DEPLOYMENT))
+            reader, writer, status = await connect_tunnel(pop, f"{origin.address[0]}:{origin.address[1]}")
+            assert status == 200
+            ports.append(await who_through(reader, writer, origin))
+            writer.close()
+            ended = turn + 1
+            assert await settle(lambda: len(runtime.relays) == 0 and len(pop.records()) == ended)  # noqa: B023
+        assert len(decided) == 2  # the first tunnel, and the first after the new snapshot
+        records = pop.records()
+        assert len({record["flow_id"] for record in records}) == 4
+        for record, port in zip(records, ports, strict=True):
+            assert record["outcome"] == "ok" and record["source"] == f"127.0.0.2:{port}"
+            assert record["destination"] == "127.0.0.1" and record["port"] == origin.address[1]
+            assert record["account"] == "alpha" and record["egress"] and record["rule"]
+            assert record["duration_ms"] >= 0
+        assert runtime.flows_per_source["127.0.0.1"] == 0 and runtime.flows_per_account["alpha"] == 0
+    run(body)
+
+
+def test_a_planned_connect_past_the_flow_cap_is_429_and_frees_nothing_it_did_not_take(run: Run) -> None:
+    async def body(pop: Pop, origin: Origin) -> None:
+        runtime, target = pop.runtime, f"{origin.address[0]}:{origin.address[1]}"
+        held_reader, held_writer, status = await connect_tunnel(pop, target)
+        assert status == 200
+        for _ in range(2):  # planned, then refused by the cap
+            _reader, writer, status = await connect_tunnel(pop, target)
+            assert status == 429
+            writer.close()
+        assert runtime.flows_per_source["127.0.0.1"] == 1
+        await who_through(held_reader, held_writer, origin)
+        held_writer.close()
+        assert await settle(lambda: len(runtime.relays) == 0 and runtime.flows_per_source["127.0.0.1"] == 0)
+        reader, writer, status = await connect_tunnel(pop, target)  # the slot is free again
+        assert status == 200
+        await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: len(pop.records()) == 4)
+        assert [record["outcome"] for record in pop.records()] == ["upstream-error", "upstream-error", "ok", "ok"]
+    run(body, limits=AdmissionLimits(max_flows_per_source=1))
+
+
+def test_a_planned_tunnels_record_begins_at_its_connect(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is made after the 200, but its start (and so its duration) is the connect's."""
+    from egressd.pop import plain_handshake
+
+    real = plain_handshake.start_connect
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.05)  # a connect that takes 50 ms
+        return real(*args)
+
+    monkeypatch.setattr(plain_handshake, "start_connect", slow)
+
+    async def body(pop: Pop, origin: Origin) -> None:
+        reader, writer, status = await connect_tunnel(pop, f"{origin.address[0]}:{origin.address[1]}")
+        assert status == 200
+        await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: bool(pop.records()))
+        (record,) = pop.records()
+        assert record["outcome"] == "ok" and record["duration_ms"] >= 50
+    run(body)

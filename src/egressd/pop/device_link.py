@@ -196,7 +196,7 @@ class DeviceLinkServer:
         try:
             await stream.accept({"egressd-connected-pop": runtime.code})
         except MuxError:
-            runtime.release_association(slot)
+            runtime.release_slot(slot)
             return
         association = UdpAssociation(runtime, identity, client_host=peer[0], requested=("", 0))
         datagrams = DatagramStream(stream)
@@ -216,7 +216,7 @@ class DeviceLinkServer:
             runtime.metrics.active.labels(runtime.code, "udp").dec()
             closed_by = association.closed_by if association.closed.is_set() else "client"
             await association.close(closed_by)
-            runtime.release_association(slot)
+            runtime.release_slot(slot)
 
     @staticmethod
     async def _udp_from_device(datagrams: DatagramStream, association: UdpAssociation,

@@ -15,8 +15,11 @@ Theory of operation. A handshake is in one state at a time:
 * HTTP_HEAD / SOCKS: reading the request. The handshake timeout (one timeout from the
   accept) closes a client that is too slow: with a 408 once HTTP bytes came, quietly else.
 * CONNECTING: the request is authenticated and allowed; the upstream connect is in
-  progress, under the connect timeout. The client socket is not read meanwhile: bytes it
-  sends wait in the kernel for the relay.
+  progress, under the connect timeout. A connect to an address literal follows a plan
+  (`PopRuntime.direct_plan`: address and decision, remembered for the snapshot) and takes
+  its flow slot; its flow record is made once the reply has gone, off the client's path,
+  or at once if the connect fails or has to wait. The client socket is not read
+  meanwhile: bytes it sends wait in the kernel for the relay.
 * OPENING: the connect has to await (see below): a task of the listener runs
   `PopRuntime.open_tcp`, then the handshake goes on as from CONNECTING.
 * DONE: handed to a relay, to a coroutine, or closed. Nothing of the handshake remains.
@@ -49,7 +52,7 @@ from egressd.pop.flowlog import FlowRecord
 from egressd.pop.http_answers import bad_request, failure_response, start_record
 from egressd.pop.identity import Identity
 from egressd.pop.relay import SpliceRelay
-from egressd.pop.runtime import FlowRefused, PopRuntime
+from egressd.pop.runtime import DirectPlan, FlowRefused, PopRuntime
 from egressd.pop.socks_proxy import log_auth_failure, serve_request
 from egressd.pop.upstream import (
     UpstreamError,
@@ -115,9 +118,9 @@ class HandshakeOwner(Protocol):
 class PlainHandshake:
     """One accepted plain connection until it is a tunnel, a coroutine's, or closed."""
 
-    __slots__ = ("address", "connect_started", "head_reader", "identity", "owner", "peer",
-                 "poller", "reading", "record", "reply", "runtime", "sniff", "sock", "socks", "state",
-                 "timer", "upstream", "writing")
+    __slots__ = ("address", "connect_started", "head_reader", "identity", "local_address",
+                 "owner", "peer", "planned", "poller", "reading", "record", "reply", "runtime",
+                 "slot", "sniff", "sock", "socks", "state", "timer", "upstream", "writing")
 
     def __init__(self, owner: HandshakeOwner, sock: socket.socket,
                  peer: tuple[str, int], *, sniff: bool) -> None:
@@ -139,6 +142,11 @@ class PlainHandshake:
         self.address: IPAddress | None = None
         self.reply = b""
         self.connect_started = 0.0
+        # A planned connect (`_connect`): identity, port and plan, its flow slot, and its
+        # local address, until `_record` makes its record.
+        self.planned: tuple[Identity, int, DirectPlan] | None = None
+        self.slot: tuple[str, str] | None = None
+        self.local_address: str | None = None
 
     def start(self) -> None:
         self.owner.handshakes.add(self)
@@ -292,8 +300,8 @@ class PlainHandshake:
         elif self.state is State.SOCKS:
             log.info("SOCKS5 client %s:%s did not finish its request in time", self.peer[0], self.peer[1])
         elif self.state is State.CONNECTING:
-            assert self.address is not None and self.record is not None
-            self._connect_failed(connect_timed_out(self.address, self.record.port or 0,
+            assert self.address is not None
+            self._connect_failed(connect_timed_out(self.address, self._record().port or 0,
                                                    self.runtime.options.connect_timeout))
             return
         self._close()
@@ -302,24 +310,38 @@ class PlainHandshake:
 
     def _connect(self, identity: Identity, host: str, port: int) -> None:
         runtime = self.runtime
-        record = self.record = start_record(runtime, self.peer, identity)
-        record.destination = host
         self.state = State.CONNECTING
         self._cancel_timer()
-        try:
-            direct = runtime.direct_candidate(identity, host, port, record)
-        except (FlowRefused, UpstreamError) as exc:
-            self._connect_failed(exc)
-            return
-        if direct is None:  # a name, several candidates, or a path that awaits
-            self._stop_reading()
-            self.state = State.OPENING
-            self.owner.handshakes.discard(self)  # the task counts instead
-            self.owner.spawn(self._open_tcp(identity, host, port), self.sock)
-            return
-        self.address, decision = direct
+        # A planned connect (an allowed address literal, remembered) takes its slot and
+        # connects; its record is made after the reply has gone (`_record`): off the
+        # client's path. Anything else has its record from here on.
+        plan = runtime.direct_plan(identity, host, port)
+        if plan is not None:
+            self.planned = (identity, port, plan)
+            self.connect_started = time.monotonic()
+            try:
+                self.slot = runtime.admit_slot(identity, self.peer[0])
+            except UpstreamError as exc:  # past a cap: 429
+                self._connect_failed(exc)
+                return
+            self.address, decision = plan[0], plan[1]
+        else:
+            record = self.record = start_record(runtime, self.peer, identity)
+            record.destination = host
+            try:
+                direct = runtime.direct_candidate(identity, host, port, record)
+            except (FlowRefused, UpstreamError) as exc:
+                self._connect_failed(exc)
+                return
+            if direct is None:  # a name, several candidates, or a path that awaits
+                self._stop_reading()
+                self.state = State.OPENING
+                self.owner.handshakes.discard(self)  # the task counts instead
+                self.owner.spawn(self._open_tcp(identity, host, port), self.sock)
+                return
+            self.address, decision = direct
+            self.connect_started = time.monotonic()
         assert decision.source_address is not None
-        self.connect_started = time.monotonic()
         try:
             upstream, connected = start_connect(decision.source_address, self.address, port,
                                                 runtime.options.sockets)
@@ -330,6 +352,7 @@ class PlainHandshake:
         if connected:
             self._connected(decision)
             return
+        self._record()  # a wait: its timeout and its outcome go to the record
         self.writing = True
         self.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
         self.timer = runtime.deadlines.add(runtime.options.connect_timeout, self._on_timeout)
@@ -341,8 +364,8 @@ class PlainHandshake:
         # The writer stays registered until the relay's reader is (`_tunnel`): an fd with no
         # interest left is removed from the poller, and would be added again.
         self._cancel_timer()
-        assert self.address is not None and self.record is not None
-        error = connect_outcome(upstream, self.address, self.record.port or 0)
+        assert self.address is not None
+        error = connect_outcome(upstream, self.address, self._record().port or 0)
         if error is not None:
             self._stop_writing(upstream)
             self._connect_failed(error)
@@ -354,23 +377,24 @@ class PlainHandshake:
             self._close()
 
     def _connected(self, decision: Decision) -> None:
-        upstream, record = self.upstream, self.record
-        assert upstream is not None and record is not None
-        # The record's decision and destination are this candidate's (`direct_candidate`).
-        # The local address is for SOCKS5's reply and the flow record: a system call that
-        # an HTTP tunnel whose records nobody reads does without.
+        upstream = self.upstream
+        assert upstream is not None
+        # The record's decision and destination are this candidate's (`direct_candidate`,
+        # or the plan's). The local address is for SOCKS5's reply and the flow record: a
+        # system call that an HTTP tunnel whose records nobody reads does without.
         local: tuple[Any, ...] = ("", 0)
         flowlog = self.runtime.flowlog
         if self.socks is not None or flowlog.enabled or flowlog.sinks:  # `flowlog.read`, inline
             local = upstream.getsockname()
-            record.local_address = f"{local[0]}:{local[1]}"
+            self.local_address = f"{local[0]}:{local[1]}"
+            if self.record is not None:
+                self.record.local_address = self.local_address
         elapsed = time.monotonic() - self.connect_started
         self._tunnel(upstream, local)  # the reply first: the histogram is not on the client's path
         self.runtime.observe_connect(decision, elapsed)
 
     def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:
-        record = self.record
-        assert record is not None
+        record = self._record()
         if self.socks is not None:
             if isinstance(exc, FlowRefused):
                 record.outcome, record.error = "refused", exc.decision.reason
@@ -406,11 +430,25 @@ class PlainHandshake:
     async def _guarded(self, coro: Coroutine[Any, Any, bool]) -> None:
         await guarded(coro, self.sock.close, self.peer)
 
+    def _record(self) -> FlowRecord:
+        """The flow's record. A planned connect's is made on first use: after the reply has
+        gone, or when the connect fails or has to wait first."""
+        record = self.record
+        if record is None:
+            assert self.planned is not None
+            identity, port, (_, decision, destination, hostname) = self.planned
+            record = self.record = start_record(self.runtime, self.peer, identity)
+            record.port, record.decision, record.destination, record.hostname = port, decision, destination, hostname
+            record.admitted, record.local_address = self.slot, self.local_address
+            # The flow began at the connect, not now.
+            record.started -= record.started_monotonic - self.connect_started
+            record.started_monotonic = self.connect_started
+        return record
+
     # --- the tunnel -------------------------------------------------------------------
 
     def _tunnel(self, upstream: socket.socket, local: tuple[Any, ...]) -> None:
-        runtime, record = self.runtime, self.record
-        assert record is not None
+        runtime = self.runtime
         self.upstream = None  # the tunnel's from here on, whatever happens
         if self.socks is not None:
             reply = self.socks.reply(ReplyCode.SUCCEEDED, local[0], local[1])
@@ -431,17 +469,19 @@ class PlainHandshake:
                 self._stop_writing(upstream)
                 io = SocketIO(self.sock)
                 self._detach()
-                self.owner.spawn(self._guarded(start_tunnel(runtime, io, upstream, record, reply[sent:], early)),
+                self.owner.spawn(self._guarded(start_tunnel(runtime, io, upstream, self._record(),
+                                                            reply[sent:], early)),
                                  self.sock, upstream)
                 return
         except OSError as exc:
             self._stop_writing(upstream)
             upstream.close()
+            record = self._record()
             record.outcome, record.closed_by, record.error = "client-error", "client", str(exc)
             runtime.finish(record)
             self._close()
             return
-        on_close = tunnel_started(runtime, record)
+        on_close = tunnel_started(runtime, self._record())  # a planned connect's, made now
         self.state = State.DONE
         self.owner.handshakes.discard(self)
         # The relay's reader on the client socket replaces the handshake's, if any, and its
@@ -501,6 +541,9 @@ class PlainHandshake:
     def _close(self) -> None:
         if self.state is State.DONE:
             return
+        if self.slot is not None and self.record is None:  # taken, and no record to release it
+            self.runtime.release_slot(self.slot)
+            self.slot = None
         self._detach()
         if self.upstream is not None:
             self._stop_writing(self.upstream)

@@ -160,6 +160,12 @@ _MAX_CACHED_CHILDREN: Final = 4096
 
 _pid: tuple[int, str] = (0, "")
 
+#: A direct connect (`PopRuntime.direct_plan`): the address, its decision, the address as
+#: flow records write it, and the name the device gave (None for a literal).
+DirectPlan = tuple[IPAddress, Decision, str, str | None]
+#: Bound on remembered direct plans per PoP (emptied when full, as the decision memo is).
+_PLANS_KEPT: Final = 4096
+
 
 def new_flow_id(pop: str) -> str:
     """`<pop>-<pid>-<n>`, unique across workers. The pid is cached (getpid is a system call
@@ -221,6 +227,10 @@ class PopRuntime:
         limits = options.limits
         self._credentials = CredentialMemo()
         self._decisions = DecisionMemo(code)
+        # Direct plans by (id(identity), host, port), each with its identity (kept alive so
+        # the id cannot be reused), for the snapshot and health view in `_plans_for`.
+        self._plans: dict[tuple[int, str, int], tuple[Identity, DirectPlan | None]] = {}
+        self._plans_for: tuple[Snapshot | None, HealthView | None] = (None, None)
         self.auth_throttle = AuthThrottle(limits.auth_failures_per_source, limits.auth_failure_window)
         self.flows_per_source = SourceCounter(limits.max_flows_per_source)
         self.flows_per_account = SourceCounter(limits.max_flows_per_account)
@@ -267,7 +277,11 @@ class PopRuntime:
 
     def admit(self, record: FlowRecord, identity: Identity) -> None:
         """Take a flow slot for the account and the source address, or raise (429)."""
-        source = record.client.rpartition(":")[0]
+        record.admitted = self.admit_slot(identity, record.client.rpartition(":")[0])
+
+    def admit_slot(self, identity: Identity, source: str) -> tuple[str, str]:
+        """A flow slot for the account and the source address (a record's `admitted`,
+        released by `finish`), or UpstreamError (429) past a cap."""
         if not self.flows_per_account.try_acquire(identity.account):
             self.refuse("flows-per-account")
             raise UpstreamError(f"account {identity.account!r} has too many flows open",
@@ -277,20 +291,16 @@ class PopRuntime:
             self.refuse("flows-per-source")
             raise UpstreamError(f"{source} has too many flows open", status=429,
                                 socks_reply=0x02)
-        record.admitted = (identity.account, source)
+        return identity.account, source
 
     def admit_association(self, identity: Identity, source: str) -> tuple[str, str] | None:
         """A flow slot for a UDP association (SOCKS5), or None past a cap."""
-        if not self.flows_per_account.try_acquire(identity.account):
-            self.refuse("flows-per-account")
+        try:
+            return self.admit_slot(identity, source)
+        except UpstreamError:
             return None
-        if not self.flows_per_source.try_acquire(source):
-            self.flows_per_account.release(identity.account)
-            self.refuse("flows-per-source")
-            return None
-        return identity.account, source
 
-    def release_association(self, slot: tuple[str, str]) -> None:
+    def release_slot(self, slot: tuple[str, str]) -> None:
         self.flows_per_account.release(slot[0])
         self.flows_per_source.release(slot[1])
 
@@ -373,6 +383,35 @@ class PopRuntime:
         self.observe_connect(decision, time.monotonic() - started)
         return sock
 
+    def direct_plan(self, identity: Identity, host: str, port: int) -> DirectPlan | None:
+        """The address and decision of a connect that needs no await and no record yet:
+        `host` is an address literal whose decision allows the flow and connects locally
+        with nothing to send first. None for anything else (a name, a refusal, another
+        PoP, a private route): `direct_candidate` or `open_tcp` serves those, with a record
+        from the start. Remembered per identity and target until the snapshot or the
+        health view changes (`decide` is a pure function of them): a device repeats its
+        tunnels. The caller takes the flow's slot (`admit_slot`) before it connects."""
+        state = self.state
+        plans = self._plans
+        if self._plans_for[0] is not state.snapshot or self._plans_for[1] is not state.view:
+            plans.clear()
+            self._plans_for = (state.snapshot, state.view)
+        key = (id(identity), host, port)
+        entry = plans.get(key)
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        plan = None
+        address = self.resolver.literal(host)
+        if address is not None:
+            hostname = None if _is_literal(host, (address,)) else host
+            decision = self.decide_for(identity, "tcp", address, port, hostname)
+            if not decision.refused and _connects_here(decision, self.code):
+                plan = (address, decision, address_text(address), hostname)
+        if len(plans) >= _PLANS_KEPT:
+            plans.clear()
+        plans[key] = (identity, plan)
+        return plan
+
     def direct_candidate(self, identity: Identity, host: str, port: int,
                          record: FlowRecord) -> tuple[IPAddress, Decision] | None:
         """The one thing to connect, when it needs no await: `host` is an address literal
@@ -386,12 +425,7 @@ class PopRuntime:
         candidates = self._candidates(identity, host, port, (address,), record)
         if len(candidates) != 1:
             return None
-        decision = candidates[0][1]
-        if (decision.source_address is None or decision.egress_pop not in (None, self.code)
-                or decision.path is Path.PRIVATE_ROUTE
-                or (decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None)):
-            return None
-        return candidates[0]
+        return candidates[0] if _connects_here(candidates[0][1], self.code) else None
 
     def _candidates(self, identity: Identity, host: str, port: int, addresses: tuple[IPAddress, ...],
                     record: FlowRecord) -> list[tuple[IPAddress, Decision]]:
@@ -532,6 +566,14 @@ class PopRuntime:
 
 
 _ANY_V4: Final = ipaddress.IPv4Address(0)
+
+
+def _connects_here(decision: Decision, code: str) -> bool:
+    """An allowed decision that this PoP connects itself, with nothing to send first
+    (no backbone hand-off, private route or PROXY header): a callback can connect it."""
+    return not (decision.source_address is None or decision.egress_pop not in (None, code)
+                or decision.path is Path.PRIVATE_ROUTE
+                or (decision.path is Path.IN_NETWORK and decision.proxy_v2_source is not None))
 
 
 def _is_literal(host: str, addresses: tuple[IPAddress, ...]) -> bool:

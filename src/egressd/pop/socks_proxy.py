@@ -130,7 +130,7 @@ async def _udp_associate(runtime: PopRuntime, io: ClientIO, server: Socks5Server
     try:
         await _associate(runtime, io, server, identity, request)
     finally:
-        runtime.release_association(slot)
+        runtime.release_slot(slot)
 
 
 async def _associate(runtime: PopRuntime, io: ClientIO, server: Socks5Server,
