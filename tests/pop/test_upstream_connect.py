@@ -69,3 +69,22 @@ def test_a_refused_connect_is_an_error_not_a_connection() -> None:
         assert error is not None and "refused" in error.reason
     finally:
         upstream.close()
+
+
+def test_upstream_sockets_carry_the_local_port_range_and_no_port_yet() -> None:
+    """R15: bound to the source with IP_BIND_ADDRESS_NO_PORT, and the PoP's port range set
+    with IP_LOCAL_PORT_RANGE (its value packed once, the same on every socket)."""
+    from egressd.pop.upstream import IP_LOCAL_PORT_RANGE, make_tcp_socket
+
+    options = SocketOptions(local_port_range=(40000, 40999))
+    for _ in range(2):
+        sock = make_tcp_socket(parse_address("127.0.0.2"), options)
+        try:
+            try:
+                value = sock.getsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, 4)
+            except OSError:
+                pytest.skip("this kernel has no IP_LOCAL_PORT_RANGE")
+            assert int.from_bytes(value, "little") == (40999 << 16) | 40000
+            assert sock.getsockname() == ("127.0.0.2", 0)  # no port until the connect
+        finally:
+            sock.close()

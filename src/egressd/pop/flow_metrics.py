@@ -56,16 +56,22 @@ class FlowMetrics:
         self._tcp_child: Gauge = metrics.active.labels(code, "tcp")
         # path -> [sum, count per bucket...] of the connect times not handed over yet
         self._connects: dict[str, list[float]] = {}
-        self._histograms: dict[str, Histogram] = {}
+        # Per path: the histogram's child, and its bucket bounds if this prometheus-client
+        # has the internals `flush` adds to (looked up once, not per connect).
+        self._histograms: dict[str, tuple[Histogram, list[float] | None]] = {}
 
     def connect_observed(self, path: str, seconds: float) -> None:
         """An upstream connect took `seconds` (the connect histogram, by path)."""
-        child = self._histograms.get(path)
-        if child is None:
-            child = self._histograms[path] = self._metrics.connect_seconds.labels(self._code, path)
-        bounds: list[float] | None = getattr(child, "_upper_bounds", None)
-        if bounds is None or not hasattr(child, "_buckets") or not hasattr(child, "_sum"):
-            child.observe(seconds)  # a prometheus-client without them: one by one
+        known = self._histograms.get(path)
+        if known is None:
+            child = self._metrics.connect_seconds.labels(self._code, path)
+            bounds: list[float] | None = getattr(child, "_upper_bounds", None)
+            if not (hasattr(child, "_buckets") and hasattr(child, "_sum")):
+                bounds = None
+            known = self._histograms[path] = (child, bounds)
+        bounds = known[1]
+        if bounds is None:
+            known[0].observe(seconds)  # a prometheus-client without them: one by one
             return
         counts = self._connects.get(path)
         if counts is None:
@@ -127,7 +133,7 @@ class FlowMetrics:
             self._active = 0
         if self._connects:
             for path, counts in self._connects.items():
-                histogram: Any = self._histograms[path]
+                histogram: Any = self._histograms[path][0]
                 histogram._sum.inc(counts[0])
                 buckets = histogram._buckets
                 for index, observed in enumerate(counts[1:]):

@@ -62,6 +62,8 @@ class SocketOptions:
 
 
 _port_range_supported = True
+#: IP_LOCAL_PORT_RANGE's value per (low, high), packed once.
+_packed_ranges: dict[tuple[int, int], bytes] = {}
 
 
 def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
@@ -73,10 +75,12 @@ def make_tcp_socket(source: IPAddress, options: SocketOptions) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         if options.local_port_range and _port_range_supported:
-            low, high = options.local_port_range
+            port_range = _packed_ranges.get(options.local_port_range)
+            if port_range is None:  # u32 (high << 16 | low): above INT_MAX, so bytes
+                low, high = options.local_port_range
+                port_range = _packed_ranges[options.local_port_range] = struct.pack("=I", (high << 16) | low)
             try:
-                # u32 (high << 16 | low): above INT_MAX, so it is passed as bytes.
-                sock.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", (high << 16) | low))
+                sock.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, port_range)
             except OSError as exc:
                 if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
                     raise
