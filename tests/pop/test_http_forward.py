@@ -977,3 +977,31 @@ def test_a_repeated_exchange_goes_with_the_via_name_in_force(
                 assert answer.status == 200 and answer.header("Via") == f"1.1 {via}".encode()
         assert [seen.headers[b"via"] for seen in origin.seen] == [b"1.1 egressd"] * 3 + [b"1.1 edge"] * 2
     run(body)
+
+
+def _counted(pop: Pop, metric: str, **labels: str) -> float:
+    """The sum of a counter's samples with these labels (the PoP's batch handed over first)."""
+    pop.runtime.flow_metrics.flush()
+    return sum(sample.value for family in pop.runtime.metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_with_no_flow_log_each_repeated_request_is_still_counted_once(
+        run: Run, counted_readers: dict[str, int]) -> None:
+    """With no flow log and no sink, a repeated exchange reuses the connection's last record
+    instead of making one: every request is still counted, with its own bytes and outcome."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        pop.runtime.flowlog.enabled = False
+        async with client(pop.address) as device:
+            sizes = []
+            for _ in range(6):
+                await device.send(request("GET", origin.url("/who")))
+                sizes.append(len((await device.answer()).body))
+            await device.send(request("GET", origin.url("/nowhere")))  # a 404 on the same upstream
+            missing = await device.answer()
+        assert missing.status == 404 and pop.records() == []
+        assert _counted(pop, "egressd_flows_total", outcome="ok") == 7
+        assert _counted(pop, "egressd_bytes_total", direction="down") == sum(sizes) + len(missing.body)
+        assert _counted(pop, "egressd_bytes_total", direction="up") == 0
+    run(body)
