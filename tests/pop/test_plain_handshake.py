@@ -334,3 +334,28 @@ def test_a_planned_tunnels_record_begins_at_its_connect(run: Run, monkeypatch: p
         (record,) = pop.records()
         assert record["outcome"] == "ok" and record["duration_ms"] >= 50
     run(body)
+
+
+def test_a_planned_connect_that_fails_by_a_bug_gives_its_flow_slot_back(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot taken for a planned connect, whose record was never made (a bug between the
+    two costs the connection), is released when the handshake closes."""
+    from egressd.pop import plain_handshake
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the connect")
+
+    monkeypatch.setattr(plain_handshake, "start_connect", broken)
+
+    async def body(pop: Pop, origin: Origin) -> None:
+        reader, writer = await asyncio.open_connection(*pop.address)
+        token = base64.b64encode(f"{ANN[0]}:{ANN[1]}".encode()).decode()
+        authority = f"{origin.address[0]}:{origin.address[1]}"
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                     f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.read() == b""  # closed, with nothing proxied
+        writer.close()
+        assert pop.runtime.flows_per_source["127.0.0.1"] == 0
+        assert pop.runtime.flows_per_account["alpha"] == 0
+    run(body)
