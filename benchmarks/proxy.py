@@ -64,24 +64,26 @@ def run_harness(args: argparse.Namespace, summary: Path) -> None:
     subprocess.run(argv, check=True, stdout=sys.stderr)
 
 
+def egressd_command(workers: int, port: str = "{port}") -> str:
+    """The shell command that runs the benchmark PoP (`port`: the harness's placeholder).
+
+    The harness is one client address opening thousands of tunnels at once: the per-source
+    caps against slowloris and floods (issue 9; the peers have none by default) are off."""
+    return (f"{sys.executable} -m egressd pop -d {HERE / 'deployment.toml'} --pop bench "
+            f"--listen 127.0.0.1:{port} --flow-log off --workers {workers} --log-level warning "
+            "--max-handshakes-per-source 0 --max-connections-per-source 0 --max-flows-per-source 0")
+
+
 def harness_argv(args: argparse.Namespace, summary: Path) -> list[str]:
     """The harness's command line for this script's arguments."""
-    deployment = HERE / "deployment.toml"
-    # The harness is one client address opening thousands of tunnels at once: the per-source
-    # caps against slowloris and floods (issue 9; the peers have none by default) are off.
-    def command(workers: int) -> str:
-        return (f"{sys.executable} -m egressd pop -d {deployment} --pop bench --listen 127.0.0.1:{{port}} "
-                f"--flow-log off --workers {workers} --log-level warning "
-                "--max-handshakes-per-source 0 --max-connections-per-source 0 --max-flows-per-source 0")
-
     one_worker = []
     if args.one_worker and args.workers != 1:
-        one_worker = ["--extra", f"egressd-1w={command(1)}",
+        one_worker = ["--extra", f"egressd-1w={egressd_command(1)}",
                       "--extra-proxy", "egressd-1w=http://bench:bench-secret@127.0.0.1:{port}"]
     argv = [str(HARNESS / "run_peers.sh"), "--peers", args.peers,
-            "--extra", f"egressd={command(args.workers)}",
+            "--extra", f"egressd={egressd_command(args.workers)}",
             "--extra-proxy", "egressd=http://bench:bench-secret@127.0.0.1:{port}",
-            "--extra", f"egressd-socks={command(args.workers)}",
+            "--extra", f"egressd-socks={egressd_command(args.workers)}",
             "--extra-proxy", "egressd-socks=socks5://bench:bench-secret@127.0.0.1:{port}",
             *one_worker, *floor_extra(args),
             "--json-summary", str(summary), "--out", str(args.out)]

@@ -1,21 +1,24 @@
 """`benchmarks/proxy.py`'s report: ratios and goals from a harness summary, with egressd's
-own targets (two workers, SOCKS5, one worker) and the floor never counted as peers."""
+own targets (two workers, SOCKS5, one worker) and the floor never counted as peers; and
+`benchmarks/paired.py`'s verdicts from rounds of alternating pairs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_proxy", SCRIPT)
+def _load(script: str = "proxy") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCHMARKS / f"{script}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -61,3 +64,38 @@ def test_repetitions_and_quick_runs_reach_the_harness(tmp_path: Path) -> None:
     line = argv()
     assert "egressd-1w=http://bench:bench-secret@127.0.0.1:{port}" in line
     assert any(word.startswith("floor=") for word in line)
+    assert "--workers 1 " in module.egressd_command(1) and "127.0.0.1:{port}" in module.egressd_command(1)
+    assert "127.0.0.1:18101" in module.egressd_command(1, "18101")
+
+
+def test_paired_rounds_alternate_and_are_judged_on_the_median_ratio() -> None:
+    paired = _load("paired")
+    assert paired.rotated(["egressd", "haproxy"], 0) == ["egressd", "haproxy"]
+    assert paired.rotated(["egressd", "haproxy"], 1) == ["haproxy", "egressd"]
+    assert paired.rotated(["egressd", "a", "b"], 2) == ["b", "egressd", "a"]
+
+    bulk, p50 = paired.FIGURES["bulk-1"], paired.FIGURES["connect-c1"]
+    # bulk: over the best peer of the round; a failed peer does not count, a failed egressd voids it
+    assert paired.round_ratio(bulk, {"egressd": 3000, "haproxy": 1500, "squid": 2000}) == 1.5
+    assert paired.round_ratio(bulk, {"egressd": 3000, "haproxy": 1500}) == 2.0
+    assert paired.round_ratio(bulk, {"haproxy": 1500}) is None
+    # latency: over the peer's, lower is better
+    assert paired.round_ratio(p50, {"egressd": 0.27, "haproxy": 0.30}) == 0.27 / 0.30
+
+    verdict = paired.judge(bulk, [1.4, 1.6, 1.55, 1.45, 1.7])
+    assert verdict["median_ratio"] == 1.55 and verdict["met"] is True and verdict["rounds_met"] == 3
+    low, high = verdict["quartiles"]
+    assert low < 1.55 < high
+    late = paired.judge(p50, [1.02, 0.98, 1.01])
+    assert late["median_ratio"] == 1.01 and late["met"] is False and late["rounds_met"] == 1
+    assert paired.judge(p50, [])["met"] is False
+
+
+def test_paired_measurements_use_the_harness_generator_with_whole_seconds_for_wrk() -> None:
+    paired = _load("paired")
+    http = paired.proxybench_argv(paired.FIGURES["http-c64"], "http://h:1", 7, "egressd", 2.6, 3.0)
+    assert http[1].endswith("shared/bench/proxybench.py") and http[2] == "http-rps"
+    assert http[http.index("--duration") + 1] == "3" and http[http.index("--proxy-pid") + 1] == "7"
+    bulk = paired.proxybench_argv(paired.FIGURES["bulk-4"], "socks5://h:1", 7, "dante", 2.6, 3.0)
+    assert "--duration" not in bulk and bulk[bulk.index("--max-seconds") + 1] == "3.0"
+    assert bulk[bulk.index("--streams") + 1] == "4"
