@@ -242,6 +242,7 @@ async def running_pop(**options: Any) -> AsyncIterator[Pop]:
         await listener.close()
         runtime.relays.close_all()
         runtime.pipes.close()
+        runtime.spares.clear()
 
 
 Body = Callable[[Pop, Origin], Coroutine[Any, Any, None]]

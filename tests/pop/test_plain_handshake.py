@@ -359,3 +359,33 @@ def test_a_planned_connect_that_fails_by_a_bug_gives_its_flow_slot_back(
         assert pop.runtime.flows_per_source["127.0.0.1"] == 0
         assert pop.runtime.flows_per_account["alpha"] == 0
     run(body)
+
+
+def test_a_planned_connect_takes_the_spare_the_last_one_made_and_a_new_snapshot_drops_it(run: Run) -> None:
+    """The upstream socket is made ahead, after the previous tunnel's reply (off the next
+    one's path): the next tunnel from that source connects it. A new snapshot may take
+    the address away: its first planned connect closes the spares."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        runtime, target = pop.runtime, f"{origin.address[0]}:{origin.address[1]}"
+        reader, writer, status = await connect_tunnel(pop, target)
+        assert status == 200
+        (made,) = (spare for spare, _, _ in runtime.spares._spares.values())
+        assert made.getsockname() == ("127.0.0.2", 0)
+        await who_through(reader, writer, origin)
+        writer.close()
+        reader, writer, status = await connect_tunnel(pop, target)  # takes it, makes the next
+        assert status == 200
+        port = await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: len(runtime.relays) == 0 and len(pop.records()) == 2)
+        assert pop.records()[1]["source"] == f"127.0.0.2:{port}"
+        assert made.fileno() == -1  # the second tunnel's upstream, closed with it
+        (left,) = (spare for spare, _, _ in runtime.spares._spares.values())
+        runtime.state.replace(load_deployment(DEPLOYMENT))
+        reader, writer, status = await connect_tunnel(pop, target)
+        assert status == 200 and left.fileno() == -1  # closed by the new snapshot, not used
+        await who_through(reader, writer, origin)
+        writer.close()
+        assert await settle(lambda: len(runtime.relays) == 0 and len(pop.records()) == 3)
+        assert [record["outcome"] for record in pop.records()] == ["ok"] * 3
+    run(body)

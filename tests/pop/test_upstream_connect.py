@@ -1,8 +1,10 @@
 """`upstream.start_connect`: the speculative confirmation of a connect that the kernel
-finished before `connect` returned, and the waits it must still leave to the caller."""
+finished before `connect` returned, and the waits it must still leave to the caller; and
+`SpareSockets`, the upstream sockets made ahead of the connects that take them."""
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from egressd.model.addresses import parse_address
-from egressd.pop.upstream import SocketOptions, UpstreamError, connect_outcome, start_connect
+from egressd.pop.upstream import SocketOptions, SpareSockets, UpstreamError, connect_outcome, start_connect
 
 LOCAL = parse_address("127.0.0.1")
 
@@ -88,3 +90,68 @@ def test_upstream_sockets_carry_the_local_port_range_and_no_port_yet() -> None:
             assert sock.getsockname() == ("127.0.0.2", 0)  # no port until the connect
         finally:
             sock.close()
+
+
+def test_a_spare_is_bound_with_no_port_and_taken_once(listener: socket.socket) -> None:
+    async def body() -> None:
+        spares, options, source = SpareSockets(), SocketOptions(), parse_address("127.0.0.2")
+        spares.refill(source, options)
+        spares.refill(source, options)  # one per source
+        assert len(spares) == 1
+        spare = spares._spares[source][0]
+        assert spare.getsockname() == ("127.0.0.2", 0)  # R15: no port until its connect
+        upstream, connected = start_connect(source, LOCAL, listener.getsockname()[1], options, spares)
+        try:
+            assert upstream is spare and connected and len(spares) == 0
+            assert upstream.getpeername() == listener.getsockname()
+            again = spares.take(source, options)  # none left: a new one
+            assert again is not spare and again.getsockname() == ("127.0.0.2", 0)
+            again.close()
+        finally:
+            upstream.close()
+    asyncio.run(body())
+
+
+def test_spares_made_under_other_options_are_never_used() -> None:
+    async def body() -> None:
+        spares, source = SpareSockets(), parse_address("127.0.0.2")
+        spares.refill(source, SocketOptions())
+        old = spares._spares[source][0]
+        reloaded = SocketOptions(local_port_range=(40000, 40999))
+        fresh = spares.take(source, reloaded)
+        try:
+            assert fresh is not old and old.fileno() == -1  # closed, not leaked
+        finally:
+            fresh.close()
+    asyncio.run(body())
+
+
+def test_spares_are_bounded_expire_when_idle_and_close_on_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SpareSockets, "KEPT", 2)
+    monkeypatch.setattr(SpareSockets, "IDLE_SECONDS", 0.05)
+
+    async def body() -> None:
+        spares, options = SpareSockets(), SocketOptions()
+        sources = [parse_address(f"127.0.0.{n}") for n in (2, 3, 4)]
+        made = []
+        for source in sources:
+            spares.refill(source, options)
+            made.append(spares._spares[source][0])
+        assert len(spares) == 2 and made[0].fileno() == -1  # the oldest went
+        await asyncio.sleep(0.2)
+        assert len(spares) == 0 and all(sock.fileno() == -1 for sock in made)
+        assert spares._timer is None  # a quiet PoP holds no spare and no timer
+        spares.refill(sources[0], options)
+        kept = spares._spares[sources[0]][0]
+        spares.clear()
+        assert len(spares) == 0 and kept.fileno() == -1 and spares._timer is None
+    asyncio.run(body())
+
+
+def test_a_spare_that_cannot_be_bound_is_not_made() -> None:
+    """Refilling never raises: the connect that needs the address reports why."""
+    async def body() -> None:
+        spares = SpareSockets()
+        spares.refill(parse_address("192.0.2.1"), SocketOptions())  # not an address of this host
+        assert len(spares) == 0
+    asyncio.run(body())

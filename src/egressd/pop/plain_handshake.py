@@ -344,7 +344,7 @@ class PlainHandshake:
         assert decision.source_address is not None
         try:
             upstream, connected = start_connect(decision.source_address, self.address, port,
-                                                runtime.options.sockets)
+                                                runtime.options.sockets, runtime.spares)
         except UpstreamError as exc:
             self._connect_failed(exc)
             return
@@ -356,6 +356,7 @@ class PlainHandshake:
         self.writing = True
         self.poller.add_writer(upstream.fileno(), self._on_upstream_writable, decision)
         self.timer = runtime.deadlines.add(runtime.options.connect_timeout, self._on_timeout)
+        runtime.spares.refill(decision.source_address, runtime.options.sockets)
 
     def _on_upstream_writable(self, decision: Decision) -> None:
         upstream = self.upstream
@@ -390,8 +391,11 @@ class PlainHandshake:
             if self.record is not None:
                 self.record.local_address = self.local_address
         elapsed = time.monotonic() - self.connect_started
-        self._tunnel(upstream, local)  # the reply first: the histogram is not on the client's path
-        self.runtime.observe_connect(decision, elapsed)
+        self._tunnel(upstream, local)  # the reply first: what follows is not on the client's path
+        runtime = self.runtime
+        runtime.observe_connect(decision, elapsed)
+        assert decision.source_address is not None
+        runtime.spares.refill(decision.source_address, runtime.options.sockets)  # the next one's
 
     def _connect_failed(self, exc: FlowRefused | UpstreamError) -> None:
         record = self._record()

@@ -37,6 +37,7 @@ from egressd.pop.relay import PipePool, RelayRegistry
 from egressd.pop.resolver import ResolveError, Resolver
 from egressd.pop.upstream import (
     SocketOptions,
+    SpareSockets,
     UpstreamError,
     connect_tcp,
     happy_eyeballs,
@@ -218,6 +219,7 @@ class PopRuntime:
         self.metrics = metrics
         self.relays = RelayRegistry(options.idle_timeout, options.max_lifetime)
         self.pipes = PipePool()
+        self.spares = SpareSockets()  # the plain handshake's upstream sockets, made ahead
         self._poller: Poller | None = None
         self.deadlines = Deadlines()  # the handshake and connect timeouts of plain connections
         self.draining = False
@@ -395,6 +397,7 @@ class PopRuntime:
         plans = self._plans
         if self._plans_for[0] is not state.snapshot or self._plans_for[1] is not state.view:
             plans.clear()
+            self.spares.clear()  # bound to addresses the change may have taken away
             self._plans_for = (state.snapshot, state.view)
         key = (id(identity), host, port)
         entry = plans.get(key)

@@ -80,6 +80,7 @@ class PopServer:
                 await self._sweeper
             self._sweeper = None
         self.runtime.pipes.close()
+        self.runtime.spares.clear()
         self.runtime.close_poller()
         self.runtime.deadlines.close()
         self.runtime.flow_metrics.flush()

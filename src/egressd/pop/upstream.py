@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -173,8 +174,72 @@ async def _connect(sock: socket.socket, target: tuple[str, int]) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class SpareSockets:
+    """A made, bound and unconnected TCP socket per recent source address, for the next
+    connect from it.
+
+    Why: a tunnel's latency is a chain of steps, and making its upstream socket (`socket`,
+    three `setsockopt`, `bind` and a Python object) is one of them, between the request
+    and the connect. A spare made once the previous tunnel's reply has gone takes that off
+    the chain. It has no port until its connect (`IP_BIND_ADDRESS_NO_PORT`, R15), so it
+    holds a descriptor and nothing else: at most `KEPT`, none older than `IDLE_SECONDS`
+    (a quiet PoP holds none), all closed when the caller says its addresses may have
+    changed (`clear`)."""
+
+    KEPT = 64
+    IDLE_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        self._spares: dict[IPAddress, tuple[socket.socket, SocketOptions, float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def take(self, source: IPAddress, options: SocketOptions) -> socket.socket:
+        """The spare for `source`, made under `options`; else a new socket."""
+        spare = self._spares.pop(source, None)
+        if spare is not None:
+            if spare[1] is options:
+                return spare[0]
+            spare[0].close()  # made under options since reloaded
+        return make_tcp_socket(source, options)
+
+    def refill(self, source: IPAddress, options: SocketOptions) -> None:
+        """Make the spare for `source` if there is none: off the client's path, after a
+        reply. Never raises: the connect that would take it says what is wrong."""
+        if source in self._spares:
+            return
+        if len(self._spares) >= self.KEPT:
+            self._spares.pop(next(iter(self._spares)))[0].close()  # the oldest
+        try:
+            sock = make_tcp_socket(source, options)
+        except UpstreamError:
+            return
+        self._spares[source] = (sock, options, time.monotonic())
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.IDLE_SECONDS, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        made_before = time.monotonic() - self.IDLE_SECONDS
+        for source in [source for source, spare in self._spares.items() if spare[2] <= made_before]:
+            self._spares.pop(source)[0].close()
+        if self._spares:
+            self._timer = asyncio.get_running_loop().call_later(self.IDLE_SECONDS, self._expire)
+
+    def clear(self) -> None:
+        """Close every spare (the source addresses may have changed, or the PoP closes)."""
+        for sock, _, _ in self._spares.values():
+            sock.close()
+        self._spares.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def start_connect(source: IPAddress, address: IPAddress, port: int,
-                  options: SocketOptions) -> tuple[socket.socket, bool]:
+                  options: SocketOptions, spares: SpareSockets | None = None) -> tuple[socket.socket, bool]:
     """Begin a non-blocking connect from `source` to `address:port`, for a caller that
     waits for writability itself (a callback, no task). Returns the socket (the caller's
     from now on) and whether it is already connected; if not, the caller waits until it
@@ -183,8 +248,10 @@ def start_connect(source: IPAddress, address: IPAddress, port: int,
     Speculative, as HAProxy's connection confirmation: a handshake with a peer on this
     host (or one the kernel answers at once) is often complete when `connect` returns, and
     then one `getsockopt` saves the caller a readiness wait (an epoll change and a wake-up,
-    some 10-20 µs of latency). Elsewhere it costs that one `getsockopt`."""
-    sock = make_tcp_socket(source, options)
+    some 10-20 µs of latency). Elsewhere it costs that one `getsockopt`.
+
+    `spares`: take the socket from there if it has one for `source`."""
+    sock = spares.take(source, options) if spares is not None else make_tcp_socket(source, options)
     err = sock.connect_ex((address_text(address), port))
     if err in (errno.EINPROGRESS, errno.EAGAIN):
         return sock, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == _ESTABLISHED
