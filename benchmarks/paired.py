@@ -14,6 +14,10 @@ It uses the shared harness's own parts (`../shared/bench`): `run_peers.py`'s ser
 
     python benchmarks/paired.py                         # 10 rounds of 5 figures, ~10 min
     python benchmarks/paired.py --rounds 20 --figures http-c64,connect-c64
+    python benchmarks/paired.py --results DIR/results.jsonl  # judge a stored run again
+
+It prints one JSON line per figure (its verdict) and writes `results.jsonl` (every
+proxybench line, with its round) and `paired.md` (the verdicts and every round) to `--out`.
 """
 
 from __future__ import annotations
@@ -103,11 +107,90 @@ def proxybench_argv(figure: Figure, proxy: str, pid: int, label: str, duration: 
             "--proxy", proxy, "--proxy-pid", str(pid), "--label", label]
 
 
+def values_by_round(lines: Sequence[dict[str, object]],
+                    figure: Figure) -> list[tuple[int, dict[str, float]]]:
+    """The figure's value per target in each round, from the stored proxybench lines (a
+    failed measurement, or one whose source address was wrong, has none)."""
+    rounds: dict[int, dict[str, float]] = {}
+    for line in lines:
+        value = line.get(figure.key)
+        number = line.get("round")
+        if line.get("figure") != figure.name or not isinstance(number, int):
+            continue
+        values = rounds.setdefault(number, {})
+        if line.get("ok") and isinstance(value, int | float) and isinstance(line.get("target"), str):
+            values[str(line["target"])] = float(value)
+    return sorted(rounds.items())
+
+
+def markdown(figures: Sequence[Figure], lines: Sequence[dict[str, object]]) -> str:
+    """The verdicts, then every round's values and ratio."""
+    out = ["| figure | against | goal | median ratio | quartiles | rounds met | met |",
+           "|---|---|---|---|---|---|---|"]
+    rows = []
+    for figure in figures:
+        rounds = values_by_round(lines, figure)
+        ratios = [ratio for _, values in rounds if (ratio := round_ratio(figure, values)) is not None]
+        verdict = judge(figure, ratios)
+        if verdict["rounds"]:
+            out.append(f"| {figure.name} | {', '.join(figure.peers)} | {verdict['goal']} | "
+                       f"{verdict['median_ratio']} | {verdict['quartiles'][0]}–{verdict['quartiles'][1]} | "  # type: ignore[index]
+                       f"{verdict['rounds_met']} of {verdict['rounds']} | {'yes' if verdict['met'] else '**no**'} |")
+        for number, values in rounds:
+            ratio = round_ratio(figure, values)
+            shown = ", ".join(f"{target} {value:,.3f}" if figure.lower_is_better else f"{target} {value:,.0f}"
+                              for target, value in values.items())
+            rows.append(f"| {figure.name} | {number} | {shown} | {'–' if ratio is None else round(ratio, 3)} |")
+    return "\n".join([*out, "", "| figure | round | values (in the order measured) | ratio |",
+                      "|---|---|---|---|", *rows, ""])
+
+
 def measure(argv: list[str], log: Path) -> dict[str, object]:
     with log.open("a") as errors:
         run = subprocess.run(argv, stdout=subprocess.PIPE, stderr=errors, text=True, timeout=120)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {run.returncode}"}
+
+
+def run(args: argparse.Namespace, figures: Sequence[Figure], results: Path) -> list[dict[str, object]]:
+    """Measure every round; each proxybench line goes to `results` as it comes."""
+    sys.path.insert(0, str(HARNESS))
+    import run_peers  # the harness's services: peers, origin and nginx as its runs start them
+
+    sys.path.insert(0, str(HERE))
+    from proxy import egressd_command
+
+    lines: list[dict[str, object]] = []
+    services = run_peers.Services()
+    peers = {peer.name: peer for peer in run_peers.PEERS}
+    with results.open("w") as stored:
+        try:
+            services.start("origin", run_peers.ORIGIN_PING_PORT)
+            services.start("nginx-origin", run_peers.NGINX_PORT)
+            targets: dict[str, tuple[str, int]] = {}
+            for name in sorted({peer for figure in figures for peer in figure.peers}):
+                peer = peers[name]
+                targets[name] = (f"{peer.scheme}://127.0.0.1:{peer.port}", services.start(name, peer.port))
+            port = run_peers.free_port()
+            pid = services.start_command("egressd", egressd_command(1, str(port)), "127.0.0.1", port)
+            targets["egressd"] = (f"http://{CREDENTIALS}@127.0.0.1:{port}", pid)
+            for number in range(args.rounds):
+                for figure in figures:
+                    for target in rotated(["egressd", *figure.peers], number):
+                        proxy, target_pid = targets[target]
+                        record = measure(proxybench_argv(figure, proxy, target_pid, target, args.duration,
+                                                         args.bulk_seconds), args.out / "proxybench.log")
+                        line = {"round": number, "figure": figure.name, "target": target, **record}
+                        lines.append(line)
+                        stored.write(json.dumps(line) + "\n")
+                        stored.flush()
+                        print(f"round {number} {figure.name} {target}: {record.get(figure.key)}"
+                              + ("" if record.get("ok") else f" FAILED ({record.get('error') or record.get('error_samples')})"),
+                              file=sys.stderr, flush=True)
+        finally:
+            services.stop_all()
+            time.sleep(0.5)
+    return lines
 
 
 def main() -> None:
@@ -119,61 +202,27 @@ def main() -> None:
                         help="seconds per rate measurement (whole seconds for http-c64)")
     parser.add_argument("--bulk-seconds", type=float, default=3.0, help="cap per bulk measurement")
     parser.add_argument("--out", type=Path, default=Path("/tmp/egressd-paired"),
-                        help="where every proxybench line (results.jsonl) and the logs go")
+                        help="where results.jsonl, paired.md and the generator's log go")
+    parser.add_argument("--results", type=Path, metavar="JSONL",
+                        help="judge a stored results.jsonl instead of measuring")
     args = parser.parse_args()
     unknown = [name for name in args.figures.split(",") if name not in FIGURES]
     if unknown or args.rounds < 1:
         parser.error(f"unknown figures {unknown}" if unknown else "--rounds must be at least 1")
     figures = [FIGURES[name] for name in args.figures.split(",")]
-    if not (HARNESS / "run_peers.py").exists() or not VENV_PYTHON.exists():
-        sys.exit(f"the peer harness ({HARNESS}) or its venv ({VENV_PYTHON}) is missing: "
-                 "see ../shared/bench/README.md")
-    sys.path.insert(0, str(HARNESS))
-    import run_peers  # the harness's services: peers, origin and nginx as its runs start them
-
-    sys.path.insert(0, str(HERE))
-    from proxy import egressd_command
-
     args.out.mkdir(parents=True, exist_ok=True)
-    results = (args.out / "results.jsonl").open("w")
-    services = run_peers.Services()
-    peers = {peer.name: peer for peer in run_peers.PEERS}
-    try:
-        services.start("origin", run_peers.ORIGIN_PING_PORT)
-        services.start("nginx-origin", run_peers.NGINX_PORT)
-        targets: dict[str, tuple[str, int]] = {}
-        for name in sorted({peer for figure in figures for peer in figure.peers}):
-            peer = peers[name]
-            targets[name] = (f"{peer.scheme}://127.0.0.1:{peer.port}", services.start(name, peer.port))
-        port = run_peers.free_port()
-        pid = services.start_command("egressd", egressd_command(1, str(port)), "127.0.0.1", port)
-        targets["egressd"] = (f"http://{CREDENTIALS}@127.0.0.1:{port}", pid)
-        ratios: dict[str, list[float]] = {figure.name: [] for figure in figures}
-        for number in range(args.rounds):
-            for figure in figures:
-                values: dict[str, float] = {}
-                for target in rotated(["egressd", *figure.peers], number):
-                    proxy, target_pid = targets[target]
-                    record = measure(proxybench_argv(figure, proxy, target_pid, target, args.duration,
-                                                     args.bulk_seconds), args.out / "proxybench.log")
-                    results.write(json.dumps({"round": number, "figure": figure.name, **record}) + "\n")
-                    value = record.get(figure.key)
-                    if record.get("ok") and isinstance(value, int | float):
-                        values[target] = float(value)
-                    else:
-                        print(f"round {number} {figure.name} {target}: failed "
-                              f"({record.get('error') or record.get('error_samples')})", file=sys.stderr)
-                ratio = round_ratio(figure, values)
-                if ratio is not None:
-                    ratios[figure.name].append(ratio)
-                print(f"round {number} {figure.name}: {values} ratio {ratio and round(ratio, 3)}",
-                      file=sys.stderr, flush=True)
-        for figure in figures:
-            print(json.dumps(judge(figure, ratios[figure.name])), flush=True)
-    finally:
-        results.close()
-        services.stop_all()
-        time.sleep(0.5)
+    if args.results:
+        lines = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    else:
+        if not (HARNESS / "run_peers.py").exists() or not VENV_PYTHON.exists():
+            sys.exit(f"the peer harness ({HARNESS}) or its venv ({VENV_PYTHON}) is missing: "
+                     "see ../shared/bench/README.md")
+        lines = run(args, figures, args.out / "results.jsonl")
+    for figure in figures:
+        rounds = values_by_round(lines, figure)
+        ratios = [ratio for _, values in rounds if (ratio := round_ratio(figure, values)) is not None]
+        print(json.dumps(judge(figure, ratios)), flush=True)
+    (args.out / "paired.md").write_text(markdown(figures, lines))
 
 
 if __name__ == "__main__":

@@ -99,3 +99,23 @@ def test_paired_measurements_use_the_harness_generator_with_whole_seconds_for_wr
     bulk = paired.proxybench_argv(paired.FIGURES["bulk-4"], "socks5://h:1", 7, "dante", 2.6, 3.0)
     assert "--duration" not in bulk and bulk[bulk.index("--max-seconds") + 1] == "3.0"
     assert bulk[bulk.index("--streams") + 1] == "4"
+
+
+def test_a_stored_paired_run_is_judged_again_from_its_lines() -> None:
+    """`--results`: the verdicts and the table come from the stored proxybench lines; a
+    failed measurement gives its round no value, and a round without egressd no ratio."""
+    paired = _load("paired")
+    figure = paired.FIGURES["connect-c64"]
+    lines = [
+        {"round": 0, "figure": "connect-c64", "target": "egressd", "tunnels_per_s": 9900.0, "ok": True},
+        {"round": 0, "figure": "connect-c64", "target": "haproxy", "tunnels_per_s": 9000.0, "ok": True},
+        {"round": 1, "figure": "connect-c64", "target": "haproxy", "tunnels_per_s": 9000.0, "ok": True},
+        {"round": 1, "figure": "connect-c64", "target": "egressd", "tunnels_per_s": 1.0, "ok": False},
+        {"round": 0, "figure": "http-c64", "target": "egressd", "req_per_s": 1.0, "ok": True},
+    ]
+    rounds = paired.values_by_round(lines, figure)
+    assert rounds == [(0, {"egressd": 9900.0, "haproxy": 9000.0}), (1, {"haproxy": 9000.0})]
+    table = paired.markdown([figure], lines)
+    assert "| connect-c64 | haproxy | >= 1.0 | 1.1 | 1.1–1.1 | 1 of 1 | yes |" in table
+    assert "| connect-c64 | 0 | egressd 9,900, haproxy 9,000 | 1.1 |" in table
+    assert "| connect-c64 | 1 | haproxy 9,000 | – |" in table
