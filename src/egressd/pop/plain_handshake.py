@@ -17,8 +17,10 @@ Theory of operation. A handshake is in one state at a time:
 * CONNECTING: the request is authenticated and allowed; the upstream connect is in
   progress, under the connect timeout. A connect to an address literal follows a plan
   (`PopRuntime.direct_plan`: address and decision, remembered for the snapshot) and takes
-  its flow slot; its flow record is made once the reply has gone, off the client's path,
-  or at once if the connect fails or has to wait. The client socket is not read
+  its flow slot, and the socket made for its source address after the previous reply
+  (`upstream.SpareSockets`); its flow record is made once the reply has gone, off the
+  client's path, or at once if the connect fails or has to wait. The next spare is made
+  after the reply too (or once the connect waits). The client socket is not read
   meanwhile: bytes it sends wait in the kernel for the relay.
 * OPENING: the connect has to await (see below): a task of the listener runs
   `PopRuntime.open_tcp`, then the handshake goes on as from CONNECTING.
