@@ -464,6 +464,25 @@ async def test_concurrent_opens_to_an_unreachable_peer_share_one_failed_attempt(
     await client.close()
 
 
+async def test_opens_waiting_on_a_connect_that_close_abandons_fail_as_mux_errors() -> None:
+    """`close` during a connect (the backbone drops a peer it found down): the flows that
+    wait on that connect fail like any failed connect, so the PoP answers them with a 502
+    instead of closing them unanswered; a waiting open that is itself cancelled stays so."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never speaks TLS
+        client = MuxClient(*silent.getsockname()[:2], ssl.create_default_context(),
+                           server_hostname="x", connect_timeout=5)
+        waiting = [asyncio.create_task(client.open({})) for _ in range(3)]
+        await asyncio.sleep(0.2)  # all three wait on the one TLS handshake
+        assert not any(task.done() for task in waiting)
+        waiting[2].cancel()
+        await client.close()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(results[0], MuxError) and "abandoned" in str(results[0])
+    assert isinstance(results[1], MuxError)
+    assert isinstance(results[2], asyncio.CancelledError)
+
+
 async def test_close_cancels_handlers_that_outlive_the_grace_period(pki: Pki) -> None:
     cancelled = asyncio.Event()
 

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 import pytest
 
 from egressd.model.addresses import parse_address
-from egressd.pop.upstream import SocketOptions, SpareSockets, UpstreamError, connect_outcome, start_connect
+from egressd.pop.upstream import (
+    SocketOptions,
+    SpareSockets,
+    UpstreamError,
+    connect_outcome,
+    start_connect,
+)
 
 LOCAL = parse_address("127.0.0.1")
 

@@ -138,10 +138,20 @@ class MuxClient:
         link = self._link
         if link is not None and link.usable:
             return link
-        if self._connecting is None:
-            self._connecting = asyncio.create_task(self._connect(), name=f"mux connect {self.host}")
-            self._connecting.add_done_callback(self._connected)
-        return await asyncio.shield(self._connecting)
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.create_task(self._connect(), name=f"mux connect {self.host}")
+            attempt.add_done_callback(self._connected)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # `close` abandoned the shared attempt (a peer found down, a new snapshot): for
+            # the callers waiting on it that is a failed connect, not their cancellation.
+            task = asyncio.current_task()
+            if attempt.cancelled() and (task is None or not task.cancelling()):
+                raise MuxError(f"cannot connect to {self.host}:{self.port}: the connection "
+                               "attempt was abandoned (the link was closed)") from None
+            raise
 
     def _connected(self, attempt: asyncio.Task[Link]) -> None:
         if self._connecting is attempt:
