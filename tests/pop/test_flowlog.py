@@ -8,9 +8,15 @@ import json
 import time
 from types import SimpleNamespace
 from typing import Any, cast
+from unittest.mock import patch
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from egressd.decide import Decision, Egress, Path
+from egressd.model.addresses import parse_address
+from egressd.pop import flowlog as flowlog_module
 from egressd.pop.flowlog import FlowLog, FlowRecord
 from egressd.pop.http_answers import start_record
 from egressd.pop.identity import Identity
@@ -95,3 +101,51 @@ def test_start_record_puts_each_value_in_its_field() -> None:
     assert (made.account, made.user, made.device) == ("acme", "ann", "ann-laptop")
     assert made.flow_id.startswith("las-") and made.outcome == "ok" and made.decision is None
     assert before_wall <= made.started <= time.time() and before <= made.started_monotonic <= time.monotonic()
+
+
+# --- the line, written without the dictionary --------------------------------------------
+
+_texts = st.none() | st.text(max_size=12)  # quotes, backslashes, controls, any plane
+
+
+@st.composite
+def _records(draw: st.DrawFn) -> FlowRecord:
+    flow = FlowRecord(flow_id=draw(st.text(min_size=1, max_size=10)),
+                      protocol=draw(st.sampled_from(["tcp", "udp", "dns"])),
+                      connected_pop=draw(st.text(max_size=5)), client=draw(st.text(max_size=24)),
+                      started=draw(st.floats(min_value=0, max_value=4e9) | st.sampled_from(
+                          [1795940023.9995, 1795940023.9999995, 1795940023.0004999, 1795940024.0])),
+                      started_monotonic=100.0)
+    flow.account, flow.user, flow.device = draw(_texts), draw(_texts), draw(_texts)
+    flow.destination, flow.hostname, flow.local_address = draw(_texts), draw(_texts), draw(_texts)
+    flow.port = draw(st.none() | st.integers(0, 65535))
+    flow.bytes_up, flow.bytes_down = draw(st.integers(0, 2**63)), draw(st.integers(0, 2**63))
+    flow.outcome, flow.closed_by, flow.error = draw(st.text(max_size=10)), draw(_texts), draw(_texts)
+    if draw(st.booleans()):
+        addresses = st.none() | st.sampled_from([parse_address("127.0.0.2"), parse_address("2001:db8::1")])
+        flow.decision = Decision(
+            egress=draw(st.sampled_from(list(Egress))), rule=draw(st.text(max_size=8)),
+            connected_pop="las", source_address=draw(addresses), egress_pop=draw(_texts),
+            path=draw(st.none() | st.sampled_from(list(Path))), logical_city=draw(_texts),
+            proxy_v2_source=draw(addresses), route=draw(_texts))
+    return flow
+
+
+@settings(max_examples=400, deadline=None)
+@given(flow=_records(), elapsed=st.floats(min_value=0, max_value=1e7))
+def test_the_line_is_the_dictionarys_encoding_byte_for_byte(flow: FlowRecord, elapsed: float) -> None:
+    """`as_line` writes what encoding `as_json()` wrote before it: the same text."""
+    now = flow.started_monotonic + elapsed
+    with patch.object(flowlog_module.time, "monotonic", return_value=now):
+        assert flow.as_line() == flowlog_module._ENCODER.encode(flow.as_json())
+
+
+def test_the_log_writes_the_line_and_sinks_still_get_the_dictionary() -> None:
+    stream, seen = io.StringIO(), []
+    log = FlowLog(stream)
+    log.write(record(1))  # no sink: the direct line
+    log.sinks.append(seen.append)
+    log.write(record(2))  # a sink: its dictionary, encoded
+    assert [line["flow_id"] for line in lines(stream)] == ["t-1", "t-2"]
+    assert [entry["flow_id"] for entry in seen] == ["t-2"]
+    assert log.written == 2

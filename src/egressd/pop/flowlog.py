@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -44,6 +45,36 @@ class FlowRecord:
     error: str | None = None
     admitted: tuple[str, str] | None = None  # (account, source) holding a flow slot
 
+    def as_line(self) -> str:
+        """`as_json()` encoded as the log writes it (the same text, byte for byte), without
+        the dictionary, the `datetime` and the encoder's walk: a forwarded request's line
+        cost more than the request itself (benchmarks/README.md). Enum members go in as the
+        strings they are; numbers as `json` writes them (`repr`)."""
+        decision = self.decision
+        if decision is not None:
+            source = self.local_address or (str(decision.source_address) if decision.source_address else None)
+            proxy_v2 = decision.proxy_v2_source
+            path = decision.path
+            decided = (f'"egress_pop":{_text(decision.egress_pop)},"egress":{_esc(decision.egress)},'
+                       f'"source":{_text(source)},"logical_location":{_text(decision.logical_city)},'
+                       f'"proxy_v2_source":{_esc(str(proxy_v2)) if proxy_v2 else "null"},'
+                       f'"rule":{_text(decision.rule)},"path":{_esc(path) if path else "null"},'
+                       f'"route":{_text(decision.route)}')
+        else:
+            decided = (f'"egress_pop":null,"egress":null,"source":{_text(self.local_address or None)},'
+                       '"logical_location":null,"proxy_v2_source":null,"rule":null,"path":null,"route":null')
+        port = self.port
+        return (f'{{"time":"{_iso_milliseconds(self.started)}","flow_id":{_esc(self.flow_id)},'
+                f'"account":{_text(self.account)},"user":{_text(self.user)},"device":{_text(self.device)},'
+                f'"protocol":{_esc(self.protocol)},"client":{_esc(self.client)},'
+                f'"destination":{_text(self.destination)},"hostname":{_text(self.hostname)},'
+                f'"port":{"null" if port is None else port},'
+                f'"connected_pop":{_esc(self.connected_pop)},{decided},'
+                f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
+                f'"duration_ms":{round((time.monotonic() - self.started_monotonic) * 1000, 1)},'
+                f'"outcome":{_esc(self.outcome)},"closed_by":{_text(self.closed_by)},'
+                f'"error":{_text(self.error)}}}')
+
     def as_json(self) -> dict[str, Any]:
         decision = self.decision
         return {
@@ -77,6 +108,30 @@ class FlowRecord:
 
 #: Built once: `json.dumps` with options makes a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+#: A JSON string as `_ENCODER` writes it (`ensure_ascii`): quoted, escaped (C).
+_esc: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _esc(value)
+
+
+#: The last second `_iso_milliseconds` formatted: (whole seconds, date and time of day).
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _iso_milliseconds(started: float) -> str:
+    """`datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds")`, with the
+    date and the time of day formatted once per second. Microseconds are rounded half to
+    even, as `fromtimestamp` does, then cut to milliseconds, as `isoformat` does."""
+    global _second
+    whole = math.floor(started)
+    micro = round((started - whole) * 1e6)  # the fraction is exact; round() is half-even
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    if _second[0] != whole:
+        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{micro // 1000:03d}+00:00"
 
 
 class FlowLog:
@@ -106,18 +161,22 @@ class FlowLog:
         return self.enabled or bool(self.sinks)
 
     def write(self, record: FlowRecord) -> None:
-        if not self.enabled and not self.sinks:
+        sinks = self.sinks
+        if not self.enabled and not sinks:
             return
-        data = record.as_json()
+        # The sinks take the dictionary, and then the line is its encoding; with no sink
+        # the line is written directly (`as_line`: the same text).
+        data = record.as_json() if sinks else None
         if self.enabled:
             try:
-                self._stream.write(_ENCODER.encode(data) + "\n")
+                self._stream.write((record.as_line() if data is None else _ENCODER.encode(data)) + "\n")
                 self._stream.flush()
                 self.written += 1
             except (OSError, ValueError) as exc:  # a full disk, a closed stream: not the flow's problem
                 log.error("flow log: a line is lost: %s", exc)
-        for sink in self.sinks:
-            sink(data)
+        if data is not None:
+            for sink in sinks:
+                sink(data)
 
     @classmethod
     def to_path(cls, path: str) -> FlowLog:
