@@ -50,30 +50,37 @@ class FlowRecord:
         the dictionary, the `datetime` and the encoder's walk: a forwarded request's line
         cost more than the request itself (benchmarks/README.md). Enum members go in as the
         strings they are; numbers as `json` writes them (`repr`)."""
+        esc = _esc
         decision = self.decision
         if decision is not None:
-            source = self.local_address or (str(decision.source_address) if decision.source_address else None)
-            proxy_v2 = decision.proxy_v2_source
-            path = decision.path
-            decided = (f'"egress_pop":{_text(decision.egress_pop)},"egress":{_esc(decision.egress)},'
-                       f'"source":{_text(source)},"logical_location":{_text(decision.logical_city)},'
-                       f'"proxy_v2_source":{_esc(str(proxy_v2)) if proxy_v2 else "null"},'
-                       f'"rule":{_text(decision.rule)},"path":{_esc(path) if path else "null"},'
-                       f'"route":{_text(decision.route)}')
+            proxy_v2, path = decision.proxy_v2_source, decision.path
+            egress_pop, source, city, rule, route = [  # one comprehension, not five calls
+                "null" if text is None else esc(text) for text in (
+                    decision.egress_pop,
+                    self.local_address or (str(decision.source_address) if decision.source_address else None),
+                    decision.logical_city, decision.rule, decision.route)]
+            decided = (f'"egress_pop":{egress_pop},"egress":{esc(decision.egress)},"source":{source},'
+                       f'"logical_location":{city},'
+                       f'"proxy_v2_source":{esc(str(proxy_v2)) if proxy_v2 else "null"},'
+                       f'"rule":{rule},"path":{esc(path) if path else "null"},"route":{route}')
         else:
-            decided = (f'"egress_pop":null,"egress":null,"source":{_text(self.local_address or None)},'
+            local = self.local_address
+            decided = (f'"egress_pop":null,"egress":null,"source":{esc(local) if local else "null"},'
                        '"logical_location":null,"proxy_v2_source":null,"rule":null,"path":null,"route":null')
+        account, user, device, destination, hostname, closed_by, error = [
+            "null" if text is None else esc(text) for text in (
+                self.account, self.user, self.device, self.destination, self.hostname,
+                self.closed_by, self.error)]
         port = self.port
-        return (f'{{"time":"{_iso_milliseconds(self.started)}","flow_id":{_esc(self.flow_id)},'
-                f'"account":{_text(self.account)},"user":{_text(self.user)},"device":{_text(self.device)},'
-                f'"protocol":{_esc(self.protocol)},"client":{_esc(self.client)},'
-                f'"destination":{_text(self.destination)},"hostname":{_text(self.hostname)},'
+        return (f'{{"time":"{_iso_milliseconds(self.started)}","flow_id":{esc(self.flow_id)},'
+                f'"account":{account},"user":{user},"device":{device},'
+                f'"protocol":{esc(self.protocol)},"client":{esc(self.client)},'
+                f'"destination":{destination},"hostname":{hostname},'
                 f'"port":{"null" if port is None else port},'
-                f'"connected_pop":{_esc(self.connected_pop)},{decided},'
+                f'"connected_pop":{esc(self.connected_pop)},{decided},'
                 f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
                 f'"duration_ms":{round((time.monotonic() - self.started_monotonic) * 1000, 1)},'
-                f'"outcome":{_esc(self.outcome)},"closed_by":{_text(self.closed_by)},'
-                f'"error":{_text(self.error)}}}')
+                f'"outcome":{esc(self.outcome)},"closed_by":{closed_by},"error":{error}}}')
 
     def as_json(self) -> dict[str, Any]:
         decision = self.decision
@@ -110,10 +117,6 @@ class FlowRecord:
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 #: A JSON string as `_ENCODER` writes it (`ensure_ascii`): quoted, escaped (C).
 _esc: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-
-def _text(value: str | None) -> str:
-    return "null" if value is None else _esc(value)
 
 
 #: The last second `_iso_milliseconds` formatted: (whole seconds, date and time of day).
