@@ -46,10 +46,11 @@ class FlowRecord:
     admitted: tuple[str, str] | None = None  # (account, source) holding a flow slot
 
     def as_line(self) -> str:
-        """`as_json()` encoded as the log writes it (the same text, byte for byte), without
-        the dictionary, the `datetime` and the encoder's walk: a forwarded request's line
-        cost more than the request itself (benchmarks/README.md). Enum members go in as the
-        strings they are; numbers as `json` writes them (`repr`)."""
+        """The flow's log line: `as_json()` as `json.dumps(..., separators=(",", ":"))`
+        writes it, byte for byte, without the dictionary, the `datetime` and the encoder's
+        walk (a forwarded request's line cost more than the request itself:
+        benchmarks/README.md). Enum members go in as the strings they are; numbers as
+        `json` writes them (`repr`)."""
         esc = _esc
         decision = self.decision
         if decision is not None:
@@ -83,6 +84,7 @@ class FlowRecord:
                 f'"outcome":{esc(self.outcome)},"closed_by":{closed_by},"error":{error}}}')
 
     def as_json(self) -> dict[str, Any]:
+        """The line's fields, as a dictionary (what `as_line` writes)."""
         decision = self.decision
         return {
             "time": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds"),
@@ -113,9 +115,7 @@ class FlowRecord:
         }
 
 
-#: Built once: `json.dumps` with options makes a new encoder on every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-#: A JSON string as `_ENCODER` writes it (`ensure_ascii`): quoted, escaped (C).
+#: A JSON string as `json.dumps` writes it (`ensure_ascii`): quoted, escaped (C).
 _esc: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
@@ -149,8 +149,8 @@ class FlowLog:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.written = 0
-        # Also handed each record (the shipper to the control plane's live feed).
-        self.sinks: list[Callable[[dict[str, Any]], None]] = []
+        # Also handed each line (the shipper to the control plane's live feed).
+        self.sinks: list[Callable[[str], None]] = []
 
     @classmethod
     def disabled(cls) -> FlowLog:
@@ -167,19 +167,16 @@ class FlowLog:
         sinks = self.sinks
         if not self.enabled and not sinks:
             return
-        # The sinks take the dictionary, and then the line is its encoding; with no sink
-        # the line is written directly (`as_line`: the same text).
-        data = record.as_json() if sinks else None
+        line = record.as_line()
         if self.enabled:
             try:
-                self._stream.write((record.as_line() if data is None else _ENCODER.encode(data)) + "\n")
+                self._stream.write(line + "\n")
                 self._stream.flush()
                 self.written += 1
             except (OSError, ValueError) as exc:  # a full disk, a closed stream: not the flow's problem
                 log.error("flow log: a line is lost: %s", exc)
-        if data is not None:
-            for sink in sinks:
-                sink(data)
+        for sink in sinks:
+            sink(line)
 
     @classmethod
     def to_path(cls, path: str) -> FlowLog:
