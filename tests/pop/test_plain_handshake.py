@@ -45,7 +45,9 @@ async def connect_tunnel(pop: Pop, authority: str) -> tuple[asyncio.StreamReader
     heads = ResponseHeadReader("CONNECT")
     async with asyncio.timeout(TIMEOUT):
         while (head := heads.next_head()) is None:
-            heads.feed(await reader.read(65536))
+            data = await reader.read(65536)
+            assert data, "the PoP closed the connection with no answer"
+            heads.feed(data)
     return reader, writer, head.status
 
 
@@ -388,4 +390,25 @@ def test_a_planned_connect_takes_the_spare_the_last_one_made_and_a_new_snapshot_
         writer.close()
         assert await settle(lambda: len(runtime.relays) == 0 and len(pop.records()) == 3)
         assert [record["outcome"] for record in pop.records()] == ["ok"] * 3
+    run(body)
+
+
+def test_a_bug_while_connecting_is_answered_502_and_logged(
+        run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Anything but a refusal or an upstream error out of the awaited connect (a bug, or an
+    error a layer forgot to map): the client gets a 502 and the flow its record, not a
+    connection closed with no answer."""
+    async def body(pop: Pop, origin: Origin) -> None:
+        async def broken(*args: Any) -> Any:
+            raise RuntimeError("a bug in the connect")
+
+        pop.runtime.open_tcp = broken  # type: ignore[method-assign]
+        _reader, writer, status = await connect_tunnel(pop, f"localhost:{origin.address[1]}")
+        writer.close()
+        assert status == 502
+        assert await settle(lambda: bool(pop.records()) and not pop.listener.tasks)
+        (record,) = pop.records()
+        assert record["outcome"] == "upstream-error" and record["error"] == "internal error"
+        assert "unexpected error connecting localhost" in caplog.text
+        assert pop.runtime.flows_per_source["127.0.0.1"] == 0
     run(body)

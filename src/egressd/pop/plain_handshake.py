@@ -423,6 +423,10 @@ class PlainHandshake:
         except (FlowRefused, UpstreamError) as exc:
             self._connect_failed(exc)
             return
+        except Exception:  # a bug costs this flow, answered and logged; never the PoP
+            log.exception("unexpected error connecting %s:%s for %s:%s", host, port, *self.peer)
+            self._connect_failed(UpstreamError("internal error"))
+            return
         except BaseException:
             self._close()
             raise
