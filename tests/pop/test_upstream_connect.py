@@ -154,10 +154,22 @@ def test_spares_are_bounded_expire_when_idle_and_close_on_clear(monkeypatch: pyt
     asyncio.run(body())
 
 
-def test_a_spare_that_cannot_be_bound_is_not_made() -> None:
-    """Refilling never raises: the connect that needs the address reports why."""
+def test_a_spare_that_cannot_be_made_is_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refilling never raises (it runs after a reply, for the next tunnel): the connect
+    that needs the socket reports why."""
+    import errno
+
+    from egressd.pop import upstream
+
     async def body() -> None:
         spares = SpareSockets()
         spares.refill(parse_address("192.0.2.1"), SocketOptions())  # not an address of this host
+        assert len(spares) == 0
+
+        def no_descriptors(*args: object) -> socket.socket:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(upstream, "make_tcp_socket", no_descriptors)
+        spares.refill(parse_address("127.0.0.2"), SocketOptions())
         assert len(spares) == 0
     asyncio.run(body())

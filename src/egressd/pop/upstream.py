@@ -214,7 +214,7 @@ class SpareSockets:
             self._spares.pop(next(iter(self._spares)))[0].close()  # the oldest
         try:
             sock = make_tcp_socket(source, options)
-        except UpstreamError:
+        except (UpstreamError, OSError):  # OSError: `socket` itself (EMFILE, ENOBUFS)
             return
         self._spares[source] = (sock, options, time.monotonic())
         if self._timer is None:
