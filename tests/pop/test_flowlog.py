@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import time
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 from unittest.mock import patch
@@ -108,6 +109,39 @@ def test_start_record_puts_each_value_in_its_field() -> None:
 _texts = st.none() | st.text(max_size=12)  # quotes, backslashes, controls, any plane
 
 
+def reference_fields(flow: FlowRecord) -> dict[str, Any]:
+    """What a flow log line holds, field by field, in order (DESIGN §4): the plain
+    definition `as_line` is held to."""
+    decision = flow.decision
+    return {
+        "time": datetime.fromtimestamp(flow.started, UTC).isoformat(timespec="milliseconds"),
+        "flow_id": flow.flow_id,
+        "account": flow.account,
+        "user": flow.user,
+        "device": flow.device,
+        "protocol": flow.protocol,
+        "client": flow.client,
+        "destination": flow.destination,
+        "hostname": flow.hostname,
+        "port": flow.port,
+        "connected_pop": flow.connected_pop,
+        "egress_pop": decision.egress_pop if decision else None,
+        "egress": decision.egress.value if decision else None,
+        "source": flow.local_address or (str(decision.source_address) if decision and decision.source_address else None),
+        "logical_location": decision.logical_city if decision else None,
+        "proxy_v2_source": str(decision.proxy_v2_source) if decision and decision.proxy_v2_source else None,
+        "rule": decision.rule if decision else None,
+        "path": decision.path.value if decision and decision.path else None,
+        "route": decision.route if decision else None,
+        "bytes_up": flow.bytes_up,
+        "bytes_down": flow.bytes_down,
+        "duration_ms": round((time.monotonic() - flow.started_monotonic) * 1000, 1),
+        "outcome": flow.outcome,
+        "closed_by": flow.closed_by,
+        "error": flow.error,
+    }
+
+
 @st.composite
 def _records(draw: st.DrawFn) -> FlowRecord:
     flow = FlowRecord(flow_id=draw(st.text(min_size=1, max_size=10)),
@@ -134,10 +168,10 @@ def _records(draw: st.DrawFn) -> FlowRecord:
 @settings(max_examples=400, deadline=None)
 @given(flow=_records(), elapsed=st.floats(min_value=0, max_value=1e7))
 def test_the_line_is_the_dictionarys_encoding_byte_for_byte(flow: FlowRecord, elapsed: float) -> None:
-    """`as_line` writes what `json` writes for `as_json()`: the same text."""
+    """`as_line` writes what `json` writes for the reference fields: the same text."""
     now = flow.started_monotonic + elapsed
     with patch.object(flowlog_module.time, "monotonic", return_value=now):
-        assert flow.as_line() == json.dumps(flow.as_json(), separators=(",", ":"))
+        assert flow.as_line() == json.dumps(reference_fields(flow), separators=(",", ":"))
 
 
 def test_sinks_get_the_very_line_the_log_writes() -> None:

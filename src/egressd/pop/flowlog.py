@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO
 
 from egressd.decide import Decision
 
@@ -46,11 +46,11 @@ class FlowRecord:
     admitted: tuple[str, str] | None = None  # (account, source) holding a flow slot
 
     def as_line(self) -> str:
-        """The flow's log line: `as_json()` as `json.dumps(..., separators=(",", ":"))`
-        writes it, byte for byte, without the dictionary, the `datetime` and the encoder's
-        walk (a forwarded request's line cost more than the request itself:
-        benchmarks/README.md). Enum members go in as the strings they are; numbers as
-        `json` writes them (`repr`)."""
+        """The flow's log line (DESIGN §4), written as `json.dumps(..., separators=(",",
+        ":"))` would write its fields, byte for byte, but without a dictionary, a `datetime`
+        or the encoder's walk: a forwarded request's line cost more than the request itself
+        (benchmarks/README.md; tests/pop/test_flowlog.py holds it to `json`). Enum members
+        go in as the strings they are; numbers as `json` writes them (`repr`)."""
         esc = _esc
         decision = self.decision
         if decision is not None:
@@ -82,37 +82,6 @@ class FlowRecord:
                 f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
                 f'"duration_ms":{round((time.monotonic() - self.started_monotonic) * 1000, 1)},'
                 f'"outcome":{esc(self.outcome)},"closed_by":{closed_by},"error":{error}}}')
-
-    def as_json(self) -> dict[str, Any]:
-        """The line's fields, as a dictionary (what `as_line` writes)."""
-        decision = self.decision
-        return {
-            "time": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds"),
-            "flow_id": self.flow_id,
-            "account": self.account,
-            "user": self.user,
-            "device": self.device,
-            "protocol": self.protocol,
-            "client": self.client,
-            "destination": self.destination,
-            "hostname": self.hostname,
-            "port": self.port,
-            "connected_pop": self.connected_pop,
-            "egress_pop": decision.egress_pop if decision else None,
-            "egress": decision.egress.value if decision else None,
-            "source": self.local_address or (str(decision.source_address) if decision and decision.source_address else None),
-            "logical_location": decision.logical_city if decision else None,
-            "proxy_v2_source": str(decision.proxy_v2_source) if decision and decision.proxy_v2_source else None,
-            "rule": decision.rule if decision else None,
-            "path": decision.path.value if decision and decision.path else None,
-            "route": decision.route if decision else None,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "duration_ms": round((time.monotonic() - self.started_monotonic) * 1000, 1),
-            "outcome": self.outcome,
-            "closed_by": self.closed_by,
-            "error": self.error,
-        }
 
 
 #: A JSON string as `json.dumps` writes it (`ensure_ascii`): quoted, escaped (C).
