@@ -16,6 +16,12 @@ It uses the shared harness's own parts (`../shared/bench`): `run_peers.py`'s ser
     python benchmarks/paired.py --rounds 20 --figures http-c64,connect-c64
     python benchmarks/paired.py --results DIR/results.jsonl  # judge a stored run again
 
+With `--floor`, every round of the rate and latency figures also measures
+`floor_proxy.py` (the least a Python proxy can do: no authentication, decision, log or
+timeout), and each verdict says where the floor stands against the same peer
+(`floor_median_ratio`) and egressd against the floor (`median_to_floor`): whether a goal
+is within reach of any Python proxy on this machine.
+
 It prints one JSON line per figure (its verdict) and writes `results.jsonl` (every
 proxybench line, with its round) and `paired.md` (the verdicts and every round) to `--out`.
 """
@@ -47,6 +53,11 @@ class Figure:
     goal: float  # ratio to the best peer
     lower_is_better: bool = False
 
+    @property
+    def has_floor(self) -> bool:
+        """Whether `--floor` measures the floor for it (the floor has no bulk figure)."""
+        return self.argv[0] != "bulk"
+
 
 FIGURES = {
     figure.name: figure for figure in (
@@ -67,10 +78,10 @@ def rotated(targets: Sequence[str], round_number: int) -> list[str]:
     return [*targets[shift:], *targets[:shift]]
 
 
-def round_ratio(figure: Figure, values: dict[str, float]) -> float | None:
-    """egressd's value over the best peer's in one round (for latency, the lowest); None if
-    egressd or every peer failed in it."""
-    mine = values.get("egressd")
+def round_ratio(figure: Figure, values: dict[str, float], target: str = "egressd") -> float | None:
+    """`target`'s value over the best peer's in one round (for latency, the lowest); None if
+    `target` or every peer failed in it."""
+    mine = values.get(target)
     theirs = [values[peer] for peer in figure.peers if values.get(peer)]
     if not mine or not theirs:
         return None
@@ -78,11 +89,26 @@ def round_ratio(figure: Figure, values: dict[str, float]) -> float | None:
     return mine / best
 
 
-def judge(figure: Figure, ratios: Sequence[float]) -> dict[str, object]:
+def floor_ratios(figure: Figure, rounds: Sequence[tuple[int, dict[str, float]]]) -> tuple[list[float], list[float]]:
+    """Per round with the floor: the floor over the best peer, and egressd over the floor."""
+    to_peer = [ratio for _, values in rounds if (ratio := round_ratio(figure, values, "floor")) is not None]
+    egressd_to_floor = [values["egressd"] / values["floor"] for _, values in rounds
+                        if values.get("egressd") and values.get("floor")]
+    return to_peer, egressd_to_floor
+
+
+def judge(figure: Figure, ratios: Sequence[float], floor: Sequence[float] = (),
+          to_floor: Sequence[float] = ()) -> dict[str, object]:
     """The figure's verdict from its rounds' ratios: the median against the goal, the
-    quartiles, and how many rounds met it on their own."""
+    quartiles, and how many rounds met it on their own. `floor`: the floor's ratios to the
+    same peers, `to_floor`: egressd's to the floor (both reported, neither judged)."""
     if not ratios:
         return {"figure": figure.name, "rounds": 0, "met": False}
+    reference: dict[str, object] = {}
+    if floor:
+        reference["floor_median_ratio"] = round(statistics.median(floor), 3)
+    if to_floor:
+        reference["median_to_floor"] = round(statistics.median(to_floor), 3)
     def meets(ratio: float) -> bool:
         return ratio <= figure.goal if figure.lower_is_better else ratio >= figure.goal
     median = statistics.median(ratios)
@@ -92,7 +118,7 @@ def judge(figure: Figure, ratios: Sequence[float]) -> dict[str, object]:
             "rounds": len(ratios), "median_ratio": round(median, 3),
             "quartiles": [round(low, 3), round(high, 3)],
             "rounds_met": sum(meets(ratio) for ratio in ratios), "met": meets(median),
-            "ratios": [round(ratio, 3) for ratio in ratios]}
+            "ratios": [round(ratio, 3) for ratio in ratios], **reference}
 
 
 def proxybench_argv(figure: Figure, proxy: str, pid: int, label: str, duration: float,
@@ -125,17 +151,18 @@ def values_by_round(lines: Sequence[dict[str, object]],
 
 def markdown(figures: Sequence[Figure], lines: Sequence[dict[str, object]]) -> str:
     """The verdicts, then every round's values and ratio."""
-    out = ["| figure | against | goal | median ratio | quartiles | rounds met | met |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| figure | against | goal | median ratio | quartiles | rounds met | met "
+           "| floor's median ratio | egressd / floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for figure in figures:
-        rounds = values_by_round(lines, figure)
-        ratios = [ratio for _, values in rounds if (ratio := round_ratio(figure, values)) is not None]
-        verdict = judge(figure, ratios)
+        verdict = verdict_of(figure, lines)
         if verdict["rounds"]:
             out.append(f"| {figure.name} | {', '.join(figure.peers)} | {verdict['goal']} | "
                        f"{verdict['median_ratio']} | {verdict['quartiles'][0]}–{verdict['quartiles'][1]} | "  # type: ignore[index]
-                       f"{verdict['rounds_met']} of {verdict['rounds']} | {'yes' if verdict['met'] else '**no**'} |")
+                       f"{verdict['rounds_met']} of {verdict['rounds']} | {'yes' if verdict['met'] else '**no**'} | "
+                       f"{verdict.get('floor_median_ratio', '–')} | {verdict.get('median_to_floor', '–')} |")
+        rounds = values_by_round(lines, figure)
         for number, values in rounds:
             ratio = round_ratio(figure, values)
             shown = ", ".join(f"{target} {value:,.3f}" if figure.lower_is_better else f"{target} {value:,.0f}"
@@ -143,6 +170,13 @@ def markdown(figures: Sequence[Figure], lines: Sequence[dict[str, object]]) -> s
             rows.append(f"| {figure.name} | {number} | {shown} | {'–' if ratio is None else round(ratio, 3)} |")
     return "\n".join([*out, "", "| figure | round | values (in the order measured) | ratio |",
                       "|---|---|---|---|", *rows, ""])
+
+
+def verdict_of(figure: Figure, lines: Sequence[dict[str, object]]) -> dict[str, object]:
+    """The figure's verdict from the stored proxybench lines."""
+    rounds = values_by_round(lines, figure)
+    ratios = [ratio for _, values in rounds if (ratio := round_ratio(figure, values)) is not None]
+    return judge(figure, ratios, *floor_ratios(figure, rounds))
 
 
 def measure(argv: list[str], log: Path) -> dict[str, object]:
@@ -158,7 +192,7 @@ def run(args: argparse.Namespace, figures: Sequence[Figure], results: Path) -> l
     import run_peers  # the harness's services: peers, origin and nginx as its runs start them
 
     sys.path.insert(0, str(HERE))
-    from proxy import egressd_command
+    from proxy import egressd_command, floor_command
 
     lines: list[dict[str, object]] = []
     services = run_peers.Services()
@@ -174,9 +208,15 @@ def run(args: argparse.Namespace, figures: Sequence[Figure], results: Path) -> l
             port = run_peers.free_port()
             pid = services.start_command("egressd", egressd_command(1, str(port)), "127.0.0.1", port)
             targets["egressd"] = (f"http://{CREDENTIALS}@127.0.0.1:{port}", pid)
+            if args.floor:
+                port = run_peers.free_port()
+                pid = services.start_command("floor", floor_command(1, str(port), run_peers.SOURCE_IP),
+                                             "127.0.0.1", port)
+                targets["floor"] = (f"http://127.0.0.1:{port}", pid)
             for number in range(args.rounds):
                 for figure in figures:
-                    for target in rotated(["egressd", *figure.peers], number):
+                    floor = ["floor"] if args.floor and figure.has_floor else []
+                    for target in rotated(["egressd", *figure.peers, *floor], number):
                         proxy, target_pid = targets[target]
                         record = measure(proxybench_argv(figure, proxy, target_pid, target, args.duration,
                                                          args.bulk_seconds), args.out / "proxybench.log")
@@ -203,6 +243,9 @@ def main() -> None:
     parser.add_argument("--bulk-seconds", type=float, default=3.0, help="cap per bulk measurement")
     parser.add_argument("--out", type=Path, default=Path("/tmp/egressd-paired"),
                         help="where results.jsonl, paired.md and the generator's log go")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure floor_proxy.py (one worker) in every round of the "
+                             "rate and latency figures, for reference")
     parser.add_argument("--results", type=Path, metavar="JSONL",
                         help="judge a stored results.jsonl instead of measuring")
     args = parser.parse_args()
@@ -219,9 +262,7 @@ def main() -> None:
                      "see ../shared/bench/README.md")
         lines = run(args, figures, args.out / "results.jsonl")
     for figure in figures:
-        rounds = values_by_round(lines, figure)
-        ratios = [ratio for _, values in rounds if (ratio := round_ratio(figure, values)) is not None]
-        print(json.dumps(judge(figure, ratios)), flush=True)
+        print(json.dumps(verdict_of(figure, lines)), flush=True)
     (args.out / "paired.md").write_text(markdown(figures, lines))
 
 

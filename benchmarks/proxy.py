@@ -94,12 +94,16 @@ def harness_argv(args: argparse.Namespace, summary: Path) -> list[str]:
     return argv
 
 
+def floor_command(workers: int, port: str = "{port}", source: str = "{source_ip}") -> str:
+    """The shell command that runs `floor_proxy.py` (defaults: the harness's placeholders)."""
+    return (f"{sys.executable} {HERE / 'floor_proxy.py'} --listen 127.0.0.1:{port} "
+            f"--source {source} --workers {workers}")
+
+
 def floor_extra(args: argparse.Namespace) -> list[str]:
     if not args.floor:
         return []
-    command = (f"{sys.executable} {HERE / 'floor_proxy.py'} --listen 127.0.0.1:{{port}} "
-               f"--source {{source_ip}} --workers {args.workers}")
-    return ["--extra", f"floor={command}"]
+    return ["--extra", f"floor={floor_command(args.workers)}"]
 
 
 def figures(summary: dict, target: str) -> dict:  # type: ignore[type-arg]

@@ -116,6 +116,27 @@ def test_a_stored_paired_run_is_judged_again_from_its_lines() -> None:
     rounds = paired.values_by_round(lines, figure)
     assert rounds == [(0, {"egressd": 9900.0, "haproxy": 9000.0}), (1, {"haproxy": 9000.0})]
     table = paired.markdown([figure], lines)
-    assert "| connect-c64 | haproxy | >= 1.0 | 1.1 | 1.1–1.1 | 1 of 1 | yes |" in table
+    assert "| connect-c64 | haproxy | >= 1.0 | 1.1 | 1.1–1.1 | 1 of 1 | yes | – | – |" in table
     assert "| connect-c64 | 0 | egressd 9,900, haproxy 9,000 | 1.1 |" in table
     assert "| connect-c64 | 1 | haproxy 9,000 | – |" in table
+
+
+def test_the_floor_is_reported_against_the_same_peer_and_never_judged() -> None:
+    """`--floor`: the floor's rounds give its median ratio to the peer and egressd's to the
+    floor; the verdict stays egressd's against the peer."""
+    paired = _load("paired")
+    figure = paired.FIGURES["connect-c64"]
+    lines = [{"round": number, "figure": "connect-c64", "target": target, "tunnels_per_s": value, "ok": True}
+             for number, values in enumerate([{"egressd": 9000.0, "haproxy": 10000.0, "floor": 9500.0},
+                                              {"egressd": 9900.0, "haproxy": 9000.0, "floor": 11000.0},
+                                              {"egressd": 9600.0, "haproxy": 10000.0}])
+             for target, value in values.items()]
+    verdict = paired.verdict_of(figure, lines)
+    assert verdict["median_ratio"] == 0.96 and verdict["met"] is False and verdict["rounds"] == 3
+    assert verdict["floor_median_ratio"] == round((0.95 + 11000 / 9000) / 2, 3)
+    assert verdict["median_to_floor"] == round((9000 / 9500 + 0.9) / 2, 3)
+    table = paired.markdown([figure], lines)
+    assert f"| 1 of 3 | **no** | {verdict['floor_median_ratio']} | {verdict['median_to_floor']} |" in table
+    # bulk has no floor: `--floor` leaves it out of those rounds
+    assert figure.has_floor and not paired.FIGURES["bulk-1"].has_floor
+    assert "floor" not in paired.judge(figure, [1.0])
