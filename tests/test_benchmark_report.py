@@ -139,4 +139,7 @@ def test_the_floor_is_reported_against_the_same_peer_and_never_judged() -> None:
     assert f"| 1 of 3 | **no** | {verdict['floor_median_ratio']} | {verdict['median_to_floor']} |" in table
     # bulk has no floor: `--floor` leaves it out of those rounds
     assert figure.has_floor and not paired.FIGURES["bulk-1"].has_floor
-    assert "floor" not in paired.judge(figure, [1.0])
+    # a run without the floor reports neither field
+    alone = paired.verdict_of(figure, [line for line in lines if line["target"] != "floor"])
+    assert "floor_median_ratio" not in alone and "median_to_floor" not in alone
+    assert alone["median_ratio"] == verdict["median_ratio"]
